@@ -1,0 +1,3 @@
+"""epp: a cache-aware endpoint picker for the Gateway API Inference Extension."""
+
+__version__ = "0.1.0"

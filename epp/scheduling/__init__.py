@@ -1,0 +1,1 @@
+"""The scheduling framework: extension points, registry, scheduler. It knows no concrete plugin."""

@@ -1,0 +1,1 @@
+"""A vLLM-compatible prefix-caching model server for CPU."""
