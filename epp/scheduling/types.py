@@ -62,6 +62,7 @@ class ResponseInfo:
     first_chunk_time: float | None = None  # monotonic time of the first response body bytes
     end_of_stream: bool = False
     aborted: bool = False  # the stream ended before the response completed (client or Envoy went away)
+    parser_state: Any = None  # owned by the Parser plugin between chunks
 
 
 class SchedulingError(Exception):

@@ -1,0 +1,103 @@
+"""Wiring: pool + config + director + servers (ext_proc, health, metrics) + scraper, on one event loop."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2_grpc
+
+from epp.config import EppConfig
+from epp.datalayer.scraper import Scraper
+from epp.datastore.pool import Pool
+from epp.director import Director, DirectorOptions
+from epp.extproc.grpc_server import ext_proc_handler
+from epp.extproc.session import ExtProcSession
+from epp.extproc.tls import server_credentials
+from epp.observability.health import HealthServicer
+from epp.observability.metrics import EppMetrics
+
+log = logging.getLogger("epp")
+
+
+@dataclass
+class ServeOptions:
+    host: str = "0.0.0.0"
+    grpc_port: int = 9002
+    grpc_health_port: int = 9003
+    metrics_port: int = 9090
+    secure_serving: bool = True
+    cert_path: str | None = None
+    max_request_body_bytes: int = 64 << 20
+    disable_subset_filter: bool = False
+    objectives: dict[str, int] = field(default_factory=dict)
+    metrics_staleness_s: float = 2.0
+
+
+class EppApp:
+    def __init__(self, config: EppConfig, pool: Pool, options: ServeOptions) -> None:
+        self.config = config
+        self.pool = pool
+        self.options = options
+        self.metrics = EppMetrics(pool, staleness_s=options.metrics_staleness_s)
+        self.director = Director(config, pool, self.metrics, options.objectives,
+                                 DirectorOptions(disable_subset_filter=options.disable_subset_filter))
+        self.scraper = Scraper(pool, config.data_sources, on_success=None, on_error=self._scrape_error)
+        self._grpc: grpc.aio.Server | None = None
+        self._health: grpc.aio.Server | None = None
+        self._web: web.AppRunner | None = None
+        self.ports: dict[str, int] = {}
+
+    def _scrape_error(self, endpoint, exc) -> None:
+        self.metrics.scrape_errors.labels(endpoint.name).inc()
+
+    def ready(self) -> bool:
+        return self.pool.synced and bool(self.pool.endpoints)
+
+    def new_session(self) -> ExtProcSession:
+        return ExtProcSession(self.director, self.options.max_request_body_bytes)
+
+    async def start(self) -> None:
+        o = self.options
+        addr = o.host if ":" not in o.host else f"[{o.host}]"
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])
+        self._grpc.add_generic_rpc_handlers([ext_proc_handler(self.new_session)])
+        if o.secure_serving:
+            self.ports["grpc"] = self._grpc.add_secure_port(f"{addr}:{o.grpc_port}", server_credentials(o.cert_path))
+        else:
+            self.ports["grpc"] = self._grpc.add_insecure_port(f"{addr}:{o.grpc_port}")
+        self._health = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(self.ready), self._health)
+        self.ports["health"] = self._health.add_insecure_port(f"{addr}:{o.grpc_health_port}")
+        for name, port in self.ports.items():
+            if port == 0:
+                raise OSError(f"could not bind the {name} port on {o.host}; is another process using it?")
+        await self._grpc.start()
+        await self._health.start()
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        self._web = web.AppRunner(app, access_log=None)
+        await self._web.setup()
+        site = web.TCPSite(self._web, o.host, o.metrics_port, reuse_address=True)
+        await site.start()
+        self.ports["metrics"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self.scraper.start()
+        log.info("epp serving ext_proc on %s:%d (%s), health on %d, metrics on %d; pool %s with %d endpoints; "
+                 "config from %s", o.host, self.ports["grpc"], "TLS" if o.secure_serving else "plaintext",
+                 self.ports["health"], self.ports["metrics"], self.pool.name, len(self.pool.endpoints),
+                 self.config.source)
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.scraper.stop()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._health is not None:
+            await self._health.stop(0)
+        if self._web is not None:
+            await self._web.cleanup()

@@ -1,0 +1,199 @@
+"""`epp`: the endpoint picker. Flags are named and defaulted like the reference EPP's."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from epp.datastore.pool import Pool
+from epp.scheduling.registry import ConfigError, Duration, PluginHandle, load_builtin_plugins
+
+log = logging.getLogger("epp")
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _duration(text: str) -> float:
+    try:
+        return Duration.parse(text).seconds
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="epp",
+        description="Endpoint picker for the Gateway API Inference Extension: Envoy calls it over ext_proc and it "
+                    "picks the model-server endpoint for each request.",
+    )
+    ap.add_argument("--host", default="0.0.0.0", help="address the gRPC and metrics servers bind (default 0.0.0.0)")
+    ap.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (default 9002)")
+    ap.add_argument("--grpc-health-port", type=int, default=9003, help="gRPC health port (default 9003)")
+    ap.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default 9090)")
+    cfg = ap.add_mutually_exclusive_group()
+    cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file (default: the built-in default profile)")
+    cfg.add_argument("--config-text", help="EndpointPickerConfig YAML given inline")
+    ap.add_argument("--validate-config", action="store_true",
+                    help="load and check the configuration, print the effective profiles and exit")
+    ap.add_argument("--secure-serving", type=_bool, nargs="?", const=True, default=True,
+                    help="serve ext_proc over TLS (default true; self-signed unless --cert-path). "
+                         "--secure-serving=false for plaintext")
+    ap.add_argument("--cert-path", help="directory holding tls.crt and tls.key for --secure-serving")
+    ap.add_argument("--refresh-metrics-interval", type=_duration, default=None,
+                    help="how often each model server's /metrics is scraped (default 50ms, or the "
+                         "metrics-data-source plugin's interval)")
+    ap.add_argument("--metrics-staleness-threshold", type=_duration, default=2.0,
+                    help="metrics older than this are left out of the pool gauges (default 2s)")
+    ap.add_argument("--pool-name", help="InferencePool to serve (Kubernetes mode)")
+    ap.add_argument("--pool-namespace", default=os.environ.get("NAMESPACE", "default"),
+                    help="namespace of the InferencePool (default $NAMESPACE or 'default')")
+    ap.add_argument("--endpoint-selector", help="Kubernetes mode without CRDs: pod label selector k=v,k2=v2")
+    ap.add_argument("--endpoints",
+                    help="static pool without Kubernetes: host:port entries separated by commas, each optionally "
+                         "with labels, e.g. 10.0.0.1:8000,10.0.0.2:8000;llm-d.ai/role=decode")
+    ap.add_argument("--objectives-file",
+                    help="YAML of InferenceObjective manifests giving priorities to the "
+                         "x-gateway-inference-objective header (static pools; negative = sheddable)")
+    ap.add_argument("--disable-endpoint-subset-filter", action="store_true",
+                    help="ignore the gateway's x-gateway-destination-endpoint-subset hint")
+    ap.add_argument("--max-request-body-bytes", type=int, default=64 << 20,
+                    help="largest request body accepted; larger ones get 400 (default 64 MiB)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--log-format", default="text", choices=["text", "json"])
+    return ap
+
+
+def load_configuration(args: argparse.Namespace, handle: PluginHandle):
+    from epp.config import load_config, load_config_file, load_profile
+
+    if args.config_file:
+        return load_config_file(args.config_file, handle)
+    if args.config_text:
+        return load_config(args.config_text, "--config-text", handle)
+    return load_profile("default", handle)
+
+
+def make_pool(args: argparse.Namespace) -> Pool:
+    from epp.datastore.static import parse_endpoints
+
+    if args.pool_name or args.endpoint_selector:
+        raise SystemExit(
+            "epp: --pool-name/--endpoint-selector need the Kubernetes integration, which this build does not "
+            "have yet. Use --endpoints host:port,... for a static pool.")
+    if not args.endpoints:
+        raise SystemExit("epp: no pool given: pass --endpoints host:port,host:port (static pool) or "
+                         "--pool-name (Kubernetes)")
+    try:
+        endpoints = parse_endpoints(args.endpoints)
+    except ValueError as exc:
+        raise SystemExit(f"epp: {exc}") from None
+    pool = Pool(name="static", namespace=args.pool_namespace)
+    pool.replace(endpoints)
+    return pool
+
+
+def describe(config) -> str:
+    lines = [f"configuration from {config.source}: OK"]
+    handler = config.scheduler.handler
+    lines.append(f"profile handler: {handler.name} ({handler.type})")
+    for prof in config.scheduler.profiles.values():
+        lines.append(f"profile {prof.name}:")
+        for f in prof.filters:
+            lines.append(f"  filter  {f.name} ({f.type})")
+        for ws in prof.scorers:
+            lines.append(f"  scorer  {ws.scorer.name} ({ws.scorer.type}) weight {ws.weight:g}")
+        if prof.picker is not None:
+            lines.append(f"  picker  {prof.picker.name} ({prof.picker.type})")
+    for producer in config.producers:
+        lines.append(f"data producer: {producer.name} ({producer.type})")
+    if config.saturation_detector is not None:
+        d = config.saturation_detector
+        lines.append(f"saturation detector: {d.name} ({d.type})")
+    lines.append(f"parser: {config.parser.name} ({config.parser.type})")
+    for source, extractors in config.data_sources:
+        lines.append(f"metrics source: {source.name} ({source.type}) every {source.interval_s * 1000:g} ms -> "
+                     + ", ".join(e.name for e in extractors))
+    if not config.data_sources:
+        lines.append("metrics source: none (scraping disabled)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from epp.observability.logging import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    load_builtin_plugins()
+    if args.validate_config:
+        try:
+            config = load_configuration(args, PluginHandle(Pool()))
+        except ConfigError as exc:
+            print(f"epp: invalid configuration: {exc}", file=sys.stderr)
+            return 1
+        print(describe(config))
+        return 0
+    pool = make_pool(args)
+    try:
+        config = load_configuration(args, PluginHandle(pool))
+    except ConfigError as exc:
+        print(f"epp: invalid configuration: {exc}", file=sys.stderr)
+        return 1
+    if args.refresh_metrics_interval is not None:
+        for source, _ in config.data_sources:
+            source.set_interval(args.refresh_metrics_interval)
+    objectives: dict[str, int] = {}
+    if args.objectives_file:
+        from epp.datastore.objectives import load_objectives
+
+        try:
+            objectives = load_objectives(args.objectives_file)
+        except ValueError as exc:
+            print(f"epp: {exc}", file=sys.stderr)
+            return 1
+    from epp.app import EppApp, ServeOptions
+
+    options = ServeOptions(
+        host=args.host, grpc_port=args.grpc_port, grpc_health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port, secure_serving=args.secure_serving, cert_path=args.cert_path,
+        max_request_body_bytes=args.max_request_body_bytes,
+        disable_subset_filter=args.disable_endpoint_subset_filter, objectives=objectives,
+        metrics_staleness_s=args.metrics_staleness_threshold,
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_serve(EppApp(config, pool, options)))
+
+
+async def _serve(app) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    await stop.wait()
+    log.info("shutting down")
+    await app.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

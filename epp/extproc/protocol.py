@@ -1,0 +1,146 @@
+"""Endpoint Picker Protocol constants and ext_proc response builders (xds-protos / upb messages)."""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+DESTINATION_NAMESPACE = "envoy.lb"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+# Envoy's limit on one streamed body message is 64 KiB; the reference chunks at 62,000 bytes.
+BODY_CHUNK = 62_000
+
+ProcessingRequest = pb.ProcessingRequest
+ProcessingResponse = pb.ProcessingResponse
+
+
+def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
+    """Envoy sends header values in `raw_value` (bytes) or, in older versions, `value`."""
+    out: dict[str, str] = {}
+    for h in headers.headers.headers:
+        out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def destination_metadata(destination: str) -> struct_pb2.Struct:
+    md = struct_pb2.Struct()
+    md.fields[DESTINATION_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = destination
+    return md
+
+
+def routing_headers(destination: str, extra: dict[str, str], content_length: int | None) -> pb.HeaderMutation:
+    sets = [_set(DESTINATION_HEADER, destination)]
+    sets.extend(_set(k, v) for k, v in extra.items())
+    if content_length is not None:
+        sets.append(_set("content-length", str(content_length)))
+    return pb.HeaderMutation(set_headers=sets)
+
+
+def request_headers_routed(destination: str, extra: dict[str, str], content_length: int | None) -> ProcessingResponse:
+    """The (deferred) answer to the request headers: the destination header plus `envoy.lb` metadata."""
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(
+                header_mutation=routing_headers(destination, extra, content_length), clear_route_cache=True
+            )
+        ),
+        dynamic_metadata=destination_metadata(destination),
+    )
+
+
+def request_body_routed(destination: str, extra: dict[str, str], body: bytes | None) -> ProcessingResponse:
+    """Buffered mode: the destination goes out with the body answer (headers are still held by Envoy)."""
+    common = pb.CommonResponse(header_mutation=routing_headers(destination, extra, len(body) if body is not None else None),
+                               clear_route_cache=True)
+    if body is not None:
+        common.body_mutation.body = body
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common),
+                                 dynamic_metadata=destination_metadata(destination))
+
+
+def continue_request_headers() -> ProcessingResponse:
+    return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+
+def continue_response_headers() -> ProcessingResponse:
+    return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+
+
+def request_trailers() -> ProcessingResponse:
+    return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+
+
+def response_trailers() -> ProcessingResponse:
+    return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+def streamed_body(chunk: bytes, end_of_stream: bool, response: bool) -> ProcessingResponse:
+    mutation = pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream))
+    body = pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
+    return pb.ProcessingResponse(response_body=body) if response else pb.ProcessingResponse(request_body=body)
+
+
+def streamed_chunks(body: bytes | memoryview, end_of_stream: bool, response: bool) -> list[ProcessingResponse]:
+    """`body` as streamed body answers of at most BODY_CHUNK bytes; the last carries end_of_stream."""
+    view = memoryview(body)
+    n = len(view)
+    if n == 0:
+        return [streamed_body(b"", end_of_stream, response)]
+    out = []
+    for off in range(0, n, BODY_CHUNK):
+        end = min(off + BODY_CHUNK, n)
+        out.append(streamed_body(bytes(view[off:end]), end_of_stream and end == n, response))
+    return out
+
+
+def buffered_body(body: bytes | None, response: bool) -> ProcessingResponse:
+    common = pb.CommonResponse()
+    if body is not None:
+        common.body_mutation.body = body
+    b = pb.BodyResponse(response=common)
+    return pb.ProcessingResponse(response_body=b) if response else pb.ProcessingResponse(request_body=b)
+
+
+def immediate(status: int, body: bytes, details: str) -> ProcessingResponse:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=pb.HeaderMutation(set_headers=[_set("content-type", "application/json")]),
+            body=body,
+            details=details[:200].replace(" ", "_"),
+        )
+    )
+
+
+def subset_hint(request: ProcessingRequest) -> list[str] | None:
+    """The subset hint from `metadata_context` (a list of `ip:port`, or a comma-separated string), or None
+    when absent."""
+    ns = request.metadata_context.filter_metadata.get(SUBSET_NAMESPACE)
+    if ns is None or SUBSET_KEY not in ns.fields:
+        return None
+    value = ns.fields[SUBSET_KEY]
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        return [v.string_value for v in value.list_value.values if v.string_value]
+    if kind == "string_value":
+        return [s.strip() for s in value.string_value.split(",") if s.strip()]
+    return []
+
+
+def served_endpoint(request: ProcessingRequest) -> str | None:
+    ns = request.metadata_context.filter_metadata.get(DESTINATION_NAMESPACE)
+    if ns is None or SERVED_KEY not in ns.fields:
+        return None
+    return ns.fields[SERVED_KEY].string_value or None

@@ -1,0 +1,1 @@
+"""The EPP's own metrics, health service and logging."""

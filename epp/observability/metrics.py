@@ -1,0 +1,125 @@
+"""The EPP's Prometheus metrics, named as the reference EPP names them where a counterpart exists.
+
+One `EppMetrics` per process, holding its own CollectorRegistry (no global registry)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from epp import __version__
+from epp.datastore.pool import Pool
+
+_LATENCY_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20,
+                    30, 45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
+_FAST_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+_SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+
+
+class EppMetrics:
+    def __init__(self, pool: Pool, staleness_s: float = 2.0, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._pool = pool
+        self._staleness_s = staleness_s
+        self._clock = clock or time.monotonic
+        r = self.registry
+        model = ["model_name", "target_model_name"]
+        self.request_total = Counter("inference_objective_request_total", "Requests routed, by model and priority.",
+                                     [*model, "priority"], registry=r)
+        self.request_error_total = Counter("inference_objective_request_error_total",
+                                           "Requests that failed, by model and error code.", [*model, "error_code"],
+                                           registry=r)
+        self.request_duration = Histogram("inference_objective_request_duration_seconds",
+                                          "Request latency from the EPP's view (request headers to response end).",
+                                          model, buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_sizes = Histogram("inference_objective_request_sizes", "Request body sizes in bytes.", model,
+                                       buckets=_SIZE_BUCKETS, registry=r)
+        self.response_sizes = Histogram("inference_objective_response_sizes", "Response body sizes in bytes.", model,
+                                        buckets=_SIZE_BUCKETS, registry=r)
+        self.input_tokens = Histogram("inference_objective_input_tokens", "Prompt tokens per request (from usage).",
+                                      model, buckets=_TOKEN_BUCKETS, registry=r)
+        self.output_tokens = Histogram("inference_objective_output_tokens",
+                                       "Completion tokens per request (from usage).", model, buckets=_TOKEN_BUCKETS,
+                                       registry=r)
+        self.cached_tokens = Histogram("inference_objective_prompt_cached_tokens",
+                                       "Prompt tokens served from the prefix cache (from usage).", model,
+                                       buckets=_TOKEN_BUCKETS, registry=r)
+        self.running_requests = Gauge("inference_objective_running_requests", "Requests in flight, by model.",
+                                      ["model_name"], registry=r)
+        self.ttft = Histogram("inference_objective_request_ttft_seconds",
+                              "Time to first response byte as the EPP sees it.", model, buckets=_LATENCY_BUCKETS,
+                              registry=r)
+        self.scheduler_e2e = Histogram("inference_extension_scheduler_e2e_duration_seconds",
+                                       "Scheduling time per request (producers, profiles, picker).",
+                                       buckets=_FAST_BUCKETS, registry=r)
+        self.scheduler_attempts = Counter("inference_extension_scheduler_attempts_total",
+                                          "Scheduling attempts by outcome.", ["status"], registry=r)
+        self.plugin_duration = Histogram("inference_extension_plugin_duration_seconds",
+                                         "Time spent in each plugin, by extension point.",
+                                         ["extension_point", "plugin_type", "plugin_name"], buckets=_FAST_BUCKETS,
+                                         registry=r)
+        self.request_overhead = Histogram("inference_extension_request_processing_seconds",
+                                          "EPP time from the complete request body to the routing answer.",
+                                          buckets=_FAST_BUCKETS, registry=r)
+        self.scrape_errors = Counter("inference_extension_model_server_scrape_errors_total",
+                                     "Failed metric scrapes of model servers.", ["endpoint"], registry=r)
+        self.info = Gauge("inference_extension_info", "EPP build information.", ["commit", "build_ref"], registry=r)
+        self.info.labels(commit="", build_ref=__version__).set(1)
+        r.register(_PoolCollector(self))
+        self._plugin_children: dict[tuple[str, int], object] = {}
+
+    def observe_plugin(self, extension_point: str, plugin: object, seconds: float) -> None:
+        key = (extension_point, id(plugin))
+        child = self._plugin_children.get(key)
+        if child is None:
+            child = self.plugin_duration.labels(extension_point, getattr(plugin, "type", type(plugin).__name__),
+                                                getattr(plugin, "name", ""))
+            self._plugin_children[key] = child
+        child.observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _PoolCollector:
+    """Pool gauges computed at scrape time from the datastore (no background refresh task)."""
+
+    def __init__(self, m: EppMetrics) -> None:
+        self._m = m
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        m = self._m
+        pool = m._pool
+        now = m._clock()
+        eps = pool.endpoints
+        fresh = [e for e in eps if e.metrics.update_time and now - e.metrics.update_time <= m._staleness_s]
+        labels = ["name"]
+        ready = GaugeMetricFamily("inference_pool_ready_pods", "Endpoints in the pool.", labels=labels)
+        ready.add_metric([pool.name], len(eps))
+        q = GaugeMetricFamily("inference_pool_average_queue_size", "Mean waiting queue over fresh endpoints.",
+                              labels=labels)
+        kv = GaugeMetricFamily("inference_pool_average_kv_cache_utilization",
+                               "Mean KV-cache utilization over fresh endpoints.", labels=labels)
+        run = GaugeMetricFamily("inference_pool_average_running_requests",
+                                "Mean running requests over fresh endpoints.", labels=labels)
+        n = len(fresh)
+        q.add_metric([pool.name], sum(e.metrics.waiting_queue_size for e in fresh) / n if n else 0.0)
+        kv.add_metric([pool.name], sum(e.metrics.kv_cache_usage_percent for e in fresh) / n if n else 0.0)
+        run.add_metric([pool.name], sum(e.metrics.running_requests_size for e in fresh) / n if n else 0.0)
+        per_pod = GaugeMetricFamily("inference_pool_per_pod_queue_size", "Waiting queue per endpoint.",
+                                    labels=["name", "model_server_pod"])
+        inflight = GaugeMetricFamily("inference_extension_endpoint_in_flight_requests",
+                                     "Requests the EPP routed to each endpoint that have not finished.",
+                                     labels=["name", "model_server_pod"])
+        for e in eps:
+            per_pod.add_metric([pool.name, e.name], e.metrics.waiting_queue_size)
+            inflight.add_metric([pool.name, e.name], e.in_flight)
+        yield from (ready, q, kv, run, per_pod, inflight)

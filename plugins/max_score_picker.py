@@ -1,0 +1,97 @@
+"""`max-score-picker`: the highest-scored endpoints, ties broken at random."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from epp.datastore.endpoint import Endpoint
+from epp.scheduling.registry import PluginHandle, register
+from epp.scheduling.types import CycleState, ProfileResult, ScoredEndpoint
+
+
+@dataclass(frozen=True, slots=True)
+class PickerParams:
+    """Parameters shared by the pickers: how many endpoints to return (the first is the target, the rest are
+    fallbacks Envoy may retry on)."""
+
+    max_num_of_endpoints: int = 1
+
+    def validate(self) -> None:
+        if self.max_num_of_endpoints < 1:
+            raise ValueError(f"`maxNumOfEndpoints` must be at least 1, got {self.max_num_of_endpoints}")
+
+
+@register
+class MaxScorePicker:
+    """Picks the `maxNumOfEndpoints` candidates with the highest total score, best first.
+
+    Equal scores are broken uniformly at random, so identical endpoints (e.g. an idle pool where every
+    scorer says the same) share the load instead of the first one in pool order taking it all. It is wrong
+    when the scores are stale: between two metric scrapes every request sees the same winner and piles onto
+    it (the "thundering herd"); `weighted-random-picker` or EPP-side load scorers soften that.
+
+    With one endpoint to pick this is one O(n) pass (a tie replaces the current best with probability
+    1/ties); with more it is a sort, O(n log n), then a random order for each tied group that reaches the top N.
+    """
+
+    type: ClassVar[str] = "max-score-picker"
+    Params = PickerParams
+
+    def __init__(self, name: str, params: PickerParams, handle: PluginHandle) -> None:
+        self.name = name
+        self.max_num_of_endpoints = params.max_num_of_endpoints
+        self.rng = random.Random()
+
+    def pick(self, state: CycleState, scored: Sequence[ScoredEndpoint]) -> ProfileResult:
+        if not scored:
+            return ProfileResult(())
+        if self.max_num_of_endpoints == 1:
+            return ProfileResult((self._best(scored),))
+        # Sort by score (C speed), then shuffle only the groups of equal scores that reach into the top n:
+        # the same distribution as shuffling everything before a stable sort, without a Python-level shuffle
+        # of the whole list.
+        ordered = sorted(scored, key=_score, reverse=True)
+        size = len(ordered)
+        n = min(self.max_num_of_endpoints, size)
+        picked: list[Endpoint] = []
+        i = 0
+        while len(picked) < n:
+            score = ordered[i].score
+            j = i + 1
+            while j < size and ordered[j].score == score:
+                j += 1
+            take = n - len(picked)
+            if j - i == 1:
+                picked.append(ordered[i].endpoint)
+            elif j - i > take:  # the cut falls inside this tie: a uniformly random ordered subset of it
+                picked.extend(s.endpoint for s in self.rng.sample(ordered[i:j], take))
+            else:
+                group = ordered[i:j]
+                self.rng.shuffle(group)
+                picked.extend(s.endpoint for s in group)
+            i = j
+        return ProfileResult(tuple(picked))
+
+    def _best(self, scored: Sequence[ScoredEndpoint]) -> Endpoint:
+        """The top endpoint; among `k` tied ones each wins with probability 1/k (reservoir sampling)."""
+        rand = self.rng.random
+        it = iter(scored)
+        best = next(it)
+        best_score = best.score
+        ties = 1
+        for s in it:
+            score = s.score
+            if score > best_score:
+                best, best_score, ties = s, score, 1
+            elif score == best_score:
+                ties += 1
+                if rand() * ties < 1.0:
+                    best = s
+        return best.endpoint
+
+
+def _score(s: ScoredEndpoint) -> float:
+    return s.score

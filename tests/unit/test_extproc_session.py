@@ -1,0 +1,213 @@
+"""The ext_proc stream state machine: the Endpoint Picker Protocol as Envoy sees it."""
+
+import json
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from epp.extproc.protocol import BODY_CHUNK
+from epp.extproc.session import ExtProcSession
+from tests.unit.extproc_helpers import (
+    CHAT_HEADERS,
+    Mode,
+    body_msg,
+    chat_body,
+    destination_of,
+    headers_msg,
+    make_director,
+    response_body_msg,
+    response_headers_msg,
+)
+
+
+def session(**kw):
+    d = make_director(**kw)
+    return ExtProcSession(d, max_body_bytes=1 << 20), d
+
+
+def test_headers_answer_is_deferred_until_the_body_is_complete():
+    s, _ = session()
+    assert s.handle(headers_msg(CHAT_HEADERS)) == []
+    body = chat_body()
+    assert s.handle(body_msg(body[:10], False)) == []
+    out = s.handle(body_msg(body[10:], True))
+    assert out[0].HasField("request_headers")
+    header, meta = destination_of(out[0])
+    assert header == meta and header in {"10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"}
+    assert out[0].request_headers.response.clear_route_cache
+    echoed = b"".join(r.request_body.response.body_mutation.streamed_response.body for r in out[1:])
+    assert echoed == body
+    assert out[-1].request_body.response.body_mutation.streamed_response.end_of_stream
+
+
+def test_large_bodies_are_echoed_in_chunks_of_at_most_62000_bytes():
+    s, _ = session()
+    body = chat_body("x" * 300_000)
+    s.handle(headers_msg(CHAT_HEADERS))
+    out = s.handle(body_msg(body, True))
+    chunks = [r.request_body.response.body_mutation.streamed_response for r in out[1:]]
+    assert all(len(c.body) <= BODY_CHUNK for c in chunks)
+    assert b"".join(c.body for c in chunks) == body
+    assert [c.end_of_stream for c in chunks] == [False] * (len(chunks) - 1) + [True]
+
+
+def test_header_only_request_goes_to_a_random_endpoint_at_once():
+    s, d = session()
+    seen = set()
+    for _ in range(60):
+        s = ExtProcSession(d, 1 << 20)
+        (out,) = s.handle(headers_msg({":method": "GET", ":path": "/v1/models"}, end_of_stream=True))
+        seen.add(destination_of(out)[0])
+        s.close()
+    assert seen == {"10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"}
+    assert all(e.in_flight == 0 for e in d.pool.endpoints)
+
+
+def test_subset_hint_restricts_candidates_by_ip():
+    s, _ = session()
+    s.handle(headers_msg(CHAT_HEADERS, subset=["10.0.0.2:9999"]))
+    out = s.handle(body_msg(chat_body(), True))
+    assert destination_of(out[0])[0] == "10.0.0.2:8000"
+
+
+def test_empty_or_unmatched_subset_hint_is_503():
+    for subset in ([], ["192.168.9.9:8000"]):
+        s, _ = session()
+        s.handle(headers_msg(CHAT_HEADERS, subset=subset))
+        (out,) = s.handle(body_msg(chat_body(), True))
+        assert out.immediate_response.status.code == 503
+        assert "subset" in orjson.loads(out.immediate_response.body)["error"]["message"]
+
+
+def test_fallback_list_when_the_picker_returns_several():
+    s, _ = session(fallbacks=3)
+    s.handle(headers_msg(CHAT_HEADERS))
+    out = s.handle(body_msg(chat_body(), True))
+    header, meta = destination_of(out[0])
+    assert header == meta and len(header.split(",")) == 3 and len(set(header.split(","))) == 3
+
+
+def test_bad_body_is_400_with_openai_error():
+    s, _ = session()
+    s.handle(headers_msg(CHAT_HEADERS))
+    (out,) = s.handle(body_msg(b"{oops", True))
+    assert out.immediate_response.status.code == 400
+    err = orjson.loads(out.immediate_response.body)["error"]
+    assert "not valid JSON" in err["message"]
+    assert s.handle(body_msg(b"more", True)) == []  # the exchange is over
+
+
+def test_body_over_the_limit_is_400_naming_the_flag():
+    d = make_director()
+    s = ExtProcSession(d, max_body_bytes=100)
+    s.handle(headers_msg(CHAT_HEADERS))
+    (out,) = s.handle(body_msg(b"x" * 101, False))
+    assert out.immediate_response.status.code == 400
+    assert b"--max-request-body-bytes" in out.immediate_response.body
+
+
+def test_sheddable_request_on_a_saturated_pool_is_429():
+    d = make_director(objectives={"batch": -1})  # never-scraped endpoints count as saturated
+    s = ExtProcSession(d, 1 << 20)
+    s.handle(headers_msg({**CHAT_HEADERS, "x-gateway-inference-objective": "batch"}))
+    (out,) = s.handle(body_msg(chat_body(), True))
+    assert out.immediate_response.status.code == 429
+    s = ExtProcSession(d, 1 << 20)  # priority 0 (no objective) is never shed
+    s.handle(headers_msg(CHAT_HEADERS))
+    assert s.handle(body_msg(chat_body(), True))[0].HasField("request_headers")
+
+
+def test_buffered_mode_answers_headers_at_once_and_routes_with_the_body():
+    s, _ = session()
+    (first,) = s.handle(headers_msg(CHAT_HEADERS, request_mode=Mode.BUFFERED))
+    assert first.HasField("request_headers") and not first.request_headers.response.header_mutation.set_headers
+    (out,) = s.handle(body_msg(chat_body(), True))
+    assert out.HasField("request_body")
+    header, meta = destination_of(out)
+    assert header == meta
+
+
+def test_model_rewrite_rewrites_the_body_and_restores_the_name_in_the_response():
+    s, _ = session()
+    s.handle(headers_msg({**CHAT_HEADERS, "x-gateway-model-name-rewrite": "food-review-1"}))
+    out = s.handle(body_msg(chat_body(model="food-review"), True))
+    sent = b"".join(r.request_body.response.body_mutation.streamed_response.body for r in out[1:])
+    assert orjson.loads(sent)["model"] == "food-review-1"
+    length = [h.header.raw_value for h in out[0].request_headers.response.header_mutation.set_headers
+              if h.header.key == "content-length"]
+    assert length == [str(len(sent)).encode()]
+    s.handle(response_headers_msg())
+    (resp,) = s.handle(response_body_msg(b'{"model":"food-review-1","x":1}', True))
+    assert resp.response_body.response.body_mutation.streamed_response.body == b'{"model":"food-review","x":1}'
+
+
+def test_response_usage_is_read_and_state_released_at_the_end():
+    s, d = session()
+    s.handle(headers_msg(CHAT_HEADERS))
+    s.handle(body_msg(chat_body(stream=True), True))
+    routed = s.routed
+    assert routed.endpoint.in_flight == 1
+    s.handle(response_headers_msg(content_type="text/event-stream"))
+    events = (b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":9,'
+              b'"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":5}}}\n\ndata: [DONE]\n\n')
+    s.handle(response_body_msg(events[:40], False))
+    out = s.handle(response_body_msg(events[40:], True))
+    assert out[-1].response_body.response.body_mutation.streamed_response.end_of_stream
+    r = routed.response
+    assert (r.status, r.streaming, r.prompt_tokens, r.completion_tokens, r.cached_tokens) == (200, True, 9, 4, 5)
+    assert routed.done and routed.endpoint.in_flight == 0
+    s.close()
+    assert routed.endpoint.in_flight == 0  # close after completion releases nothing twice
+
+
+def test_stream_closed_mid_response_releases_state_as_aborted():
+    s, d = session()
+    s.handle(headers_msg(CHAT_HEADERS))
+    s.handle(body_msg(chat_body(), True))
+    s.handle(response_headers_msg())
+    s.handle(response_body_msg(b'{"partial', False))
+    s.close()
+    assert s.routed.response.aborted and all(e.in_flight == 0 for e in d.pool.endpoints)
+
+
+# ---------------------------------------------------------------- robustness (hypothesis)
+
+_messages = st.one_of(
+    st.builds(lambda eos: headers_msg(CHAT_HEADERS, end_of_stream=eos), st.booleans()),
+    st.builds(body_msg, st.binary(max_size=200) | st.builds(chat_body, st.text(max_size=50)), st.booleans()),
+    st.builds(response_headers_msg, st.sampled_from([200, 404, 500]), st.sampled_from(["text/event-stream", "application/json"]), st.booleans()),
+    st.builds(response_body_msg, st.binary(max_size=200), st.booleans()),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_messages, max_size=12))
+def test_random_message_orders_never_crash_and_never_leak(msgs):
+    d = make_director()
+    s = ExtProcSession(d, 1 << 20)
+    for m in msgs:
+        for resp in s.handle(m):
+            assert resp.WhichOneof("response") is not None
+    s.close()
+    assert all(e.in_flight == 0 and e.in_flight_tokens == 0 for e in d.pool.endpoints)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(
+        ["model", "messages", "prompt", "role", "content", "stream", "cache_salt", "input"]), children, max_size=5),
+    max_leaves=20).map(lambda v: json.dumps(v).encode())), st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/embeddings",
+                                                      "/v1/responses", "/v1/other"]))
+def test_random_bodies_get_a_route_or_a_4xx_never_an_exception(body, path):
+    d = make_director()
+    s = ExtProcSession(d, 1 << 20)
+    s.handle(headers_msg({**CHAT_HEADERS, ":path": path}))
+    out = s.handle(body_msg(body, True))
+    assert out
+    if out[0].HasField("immediate_response"):
+        assert out[0].immediate_response.status.code == 400
+    else:
+        assert out[0].HasField("request_headers")
+    s.close()
