@@ -95,6 +95,7 @@ def scheduling_time(n_endpoints: int, bodies: list[bytes], iterations: int = 200
     from epp.datastore.endpoint import Endpoint, Metrics
     from epp.datastore.pool import Pool
     from epp.director import Director
+    from epp.extproc.protocol import ReplyCache
     from epp.extproc.session import ExtProcSession
     from epp.observability.metrics import EppMetrics
     from epp.scheduling.registry import PluginHandle, load_builtin_plugins
@@ -116,10 +117,11 @@ def scheduling_time(n_endpoints: int, bodies: list[bytes], iterations: int = 200
     director = Director(config, pool, EppMetrics(pool))
     hmsg = headers_msg(CHAT_HEADERS)
     bmsgs = [body_msg(b, True) for b in bodies]
+    replies = ReplyCache()
     times = []
     for i in range(iterations):
         t0 = time.perf_counter()
-        s = ExtProcSession(director, 64 << 20)
+        s = ExtProcSession(director, 64 << 20, replies)
         s.handle(hmsg)
         s.handle(bmsgs[i % len(bmsgs)])
         times.append(time.perf_counter() - t0)

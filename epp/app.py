@@ -14,6 +14,7 @@ from epp.datalayer.scraper import Scraper
 from epp.datastore.pool import Pool
 from epp.director import Director, DirectorOptions
 from epp.extproc.grpc_server import ext_proc_handler
+from epp.extproc.protocol import ReplyCache
 from epp.extproc.session import ExtProcSession
 from epp.extproc.tls import server_credentials
 from epp.observability.health import HealthServicer
@@ -44,6 +45,7 @@ class EppApp:
         self.metrics = EppMetrics(pool, staleness_s=options.metrics_staleness_s)
         self.director = Director(config, pool, self.metrics, options.objectives,
                                  DirectorOptions(disable_subset_filter=options.disable_subset_filter))
+        self.replies = ReplyCache()
         self.scraper = Scraper(pool, config.data_sources, on_success=None, on_error=self._scrape_error)
         self._grpc: grpc.aio.Server | None = None
         self._health: grpc.aio.Server | None = None
@@ -57,7 +59,7 @@ class EppApp:
         return self.pool.synced and bool(self.pool.endpoints)
 
     def new_session(self) -> ExtProcSession:
-        return ExtProcSession(self.director, self.options.max_request_body_bytes)
+        return ExtProcSession(self.director, self.options.max_request_body_bytes, self.replies)
 
     async def start(self) -> None:
         o = self.options

@@ -15,7 +15,7 @@ from epp.config import EppConfig
 from epp.datastore.endpoint import Endpoint
 from epp.datastore.pool import Pool
 from epp.errors import RequestError
-from epp.observability.metrics import EppMetrics
+from epp.observability.metrics import PLUGIN_TIMING_SAMPLE, EppMetrics, ModelSeries
 from epp.request import LLMRequest, header_only_request
 from epp.scheduling.types import ResponseInfo, SchedulingError, SchedulingResult
 
@@ -35,6 +35,7 @@ class Routed:
     response_bytes: int = 0
     tokens_estimate: int = 0
     done: bool = False
+    series: ModelSeries | None = None  # the request's metric children (None for header-only requests)
 
     @property
     def endpoint(self) -> Endpoint:
@@ -67,7 +68,9 @@ class Director:
         self.options = options
         self.rng = rng or random.Random()
         self._timer = metrics.observe_plugin
+        self._timing_countdown = 0
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._scheduled_ok = metrics.scheduler_attempts.labels("success")
 
     # ---------------------------------------------------------------- request path
 
@@ -99,32 +102,42 @@ class Director:
         if request.objective is not None:
             request.priority = self.objectives.get(request.objective, 0)
         candidates = self.candidates(subset)
-        labels = (request.model, request.target_model)
+        series = self.metrics.model_series(request.model, request.target_model)
         if not candidates:
-            self.metrics.request_error_total.labels(*labels, "ServiceUnavailable").inc()
+            series.error("ServiceUnavailable")
             raise RequestError(503, _no_candidates_message(subset, self.pool))
         detector = self.config.saturation_detector
         if request.priority < 0 and detector is not None and detector.saturation(candidates) >= 1.0:
-            self.metrics.request_error_total.labels(*labels, "ResourceExhausted").inc()
+            series.error("ResourceExhausted")
             raise RequestError(429, f"the pool is saturated and the request is sheddable (objective "
                                     f"{request.objective!r}, priority {request.priority}); retry later")
-        timer = self._timer
+        # Plugin timings are sampled: one request in PLUGIN_TIMING_SAMPLE is timed plugin by plugin.
+        self._timing_countdown -= 1
+        timer = None
+        if self._timing_countdown <= 0:
+            self._timing_countdown = PLUGIN_TIMING_SAMPLE
+            timer = self._timer
         for producer in self.config.producers:
-            p0 = perf_counter()
-            producer.prepare(request, candidates)
-            timer("PrepareData", producer, perf_counter() - p0)
+            if timer is None:
+                producer.prepare(request, candidates)
+            else:
+                p0 = perf_counter()
+                producer.prepare(request, candidates)
+                timer("PrepareData", producer, perf_counter() - p0)
         try:
             result = self.config.scheduler.schedule(request, candidates, timer)
         except SchedulingError as exc:
             self.metrics.scheduler_attempts.labels("failure").inc()
-            self.metrics.request_error_total.labels(*labels, "ServiceUnavailable" if exc.status == 503 else
-                                                    "ResourceExhausted").inc()
+            series.error("ServiceUnavailable" if exc.status == 503 else "ResourceExhausted")
             raise RequestError(exc.status, str(exc)) from None
         endpoints = result.target_endpoints
         for hook in self.config.pre_request:
-            p0 = perf_counter()
-            hook.pre_request(request, result)
-            timer("PreRequest", hook, perf_counter() - p0)
+            if timer is None:
+                hook.pre_request(request, result)
+            else:
+                p0 = perf_counter()
+                hook.pre_request(request, result)
+                timer("PreRequest", hook, perf_counter() - p0)
         if request.target_model != request.model:
             rewritten = dict(request.body)
             rewritten["model"] = request.target_model
@@ -134,12 +147,12 @@ class Director:
         ep = endpoints[0]
         ep.in_flight += 1
         ep.in_flight_tokens += routed.tokens_estimate
-        m = self.metrics
-        m.scheduler_attempts.labels("success").inc()
-        m.scheduler_e2e.observe(perf_counter() - t0)
-        m.request_total.labels(*labels, str(request.priority)).inc()
-        m.request_sizes.labels(*labels).observe(request.size_bytes)
-        m.running_requests.labels(request.model).inc()
+        self._scheduled_ok.inc()
+        self.metrics.scheduler_e2e.observe(perf_counter() - t0)
+        series.request(request.priority)
+        series.request_sizes.observe(request.size_bytes)
+        series.running.inc()
+        routed.series = series
         if self._debug:
             log.debug("routed request %s model=%s target=%s to %s (candidates=%d, %.3f ms)", request_id,
                       request.model, request.target_model, ",".join(e.hostport for e in endpoints),
@@ -179,26 +192,23 @@ class Director:
                 log.exception("response_complete hook %s failed", getattr(hook, "name", hook))
         if routed.result is None:
             return
-        req = routed.request
-        labels = (req.model, req.target_model)
-        m = self.metrics
-        m.running_requests.labels(req.model).dec()
+        series = routed.series
+        series.running.dec()
         if resp.aborted:
-            m.request_error_total.labels(*labels, "Aborted").inc()
+            series.error("Aborted")
             return
         if resp.status and resp.status >= 400:
-            m.request_error_total.labels(*labels, "ModelServerError").inc()
-        now = monotonic()
-        m.request_duration.labels(*labels).observe(now - routed.start)
-        m.response_sizes.labels(*labels).observe(routed.response_bytes)
+            series.error("ModelServerError")
+        series.duration.observe(monotonic() - routed.start)
+        series.response_sizes.observe(routed.response_bytes)
         if resp.first_chunk_time is not None:
-            m.ttft.labels(*labels).observe(resp.first_chunk_time - routed.start)
+            series.ttft.observe(resp.first_chunk_time - routed.start)
         if resp.prompt_tokens is not None:
-            m.input_tokens.labels(*labels).observe(resp.prompt_tokens)
+            series.input_tokens.observe(resp.prompt_tokens)
         if resp.completion_tokens is not None:
-            m.output_tokens.labels(*labels).observe(resp.completion_tokens)
+            series.output_tokens.observe(resp.completion_tokens)
         if resp.cached_tokens is not None:
-            m.cached_tokens.labels(*labels).observe(resp.cached_tokens)
+            series.cached_tokens.observe(resp.cached_tokens)
 
 
 def _host_of(hostport: str) -> str:

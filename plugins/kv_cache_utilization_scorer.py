@@ -22,6 +22,7 @@ class KVCacheUtilizationScorer:
     """
 
     type: ClassVar[str] = "kv-cache-utilization-scorer"
+    aliases: ClassVar[tuple[str, ...]] = ("kv-cache-scorer",)  # its name in the reference EPP up to v0.5
 
     def __init__(self, name: str, params: NoParams, handle: PluginHandle) -> None:
         self.name = name

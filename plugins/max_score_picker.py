@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 from epp.datastore.endpoint import Endpoint
 from epp.scheduling.registry import PluginHandle, register
-from epp.scheduling.types import CycleState, ProfileResult, ScoredEndpoint
+from epp.scheduling.types import CycleState, ProfileResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,53 +45,51 @@ class MaxScorePicker:
         self.max_num_of_endpoints = params.max_num_of_endpoints
         self.rng = random.Random()
 
-    def pick(self, state: CycleState, scored: Sequence[ScoredEndpoint]) -> ProfileResult:
-        if not scored:
+    def pick(self, state: CycleState, scores: Mapping[Endpoint, float]) -> ProfileResult:
+        if not scores:
             return ProfileResult(())
         if self.max_num_of_endpoints == 1:
-            return ProfileResult((self._best(scored),))
+            return ProfileResult((self._best(scores),))
         # Sort by score (C speed), then shuffle only the groups of equal scores that reach into the top n:
         # the same distribution as shuffling everything before a stable sort, without a Python-level shuffle
         # of the whole list.
-        ordered = sorted(scored, key=_score, reverse=True)
+        ordered = sorted(scores.items(), key=_score, reverse=True)
         size = len(ordered)
         n = min(self.max_num_of_endpoints, size)
         picked: list[Endpoint] = []
         i = 0
         while len(picked) < n:
-            score = ordered[i].score
+            score = ordered[i][1]
             j = i + 1
-            while j < size and ordered[j].score == score:
+            while j < size and ordered[j][1] == score:
                 j += 1
             take = n - len(picked)
             if j - i == 1:
-                picked.append(ordered[i].endpoint)
+                picked.append(ordered[i][0])
             elif j - i > take:  # the cut falls inside this tie: a uniformly random ordered subset of it
-                picked.extend(s.endpoint for s in self.rng.sample(ordered[i:j], take))
+                picked.extend(s[0] for s in self.rng.sample(ordered[i:j], take))
             else:
                 group = ordered[i:j]
                 self.rng.shuffle(group)
-                picked.extend(s.endpoint for s in group)
+                picked.extend(s[0] for s in group)
             i = j
         return ProfileResult(tuple(picked))
 
-    def _best(self, scored: Sequence[ScoredEndpoint]) -> Endpoint:
+    def _best(self, scores: Mapping[Endpoint, float]) -> Endpoint:
         """The top endpoint; among `k` tied ones each wins with probability 1/k (reservoir sampling)."""
         rand = self.rng.random
-        it = iter(scored)
-        best = next(it)
-        best_score = best.score
+        it = iter(scores.items())
+        best, best_score = next(it)
         ties = 1
-        for s in it:
-            score = s.score
+        for ep, score in it:
             if score > best_score:
-                best, best_score, ties = s, score, 1
+                best, best_score, ties = ep, score, 1
             elif score == best_score:
                 ties += 1
                 if rand() * ties < 1.0:
-                    best = s
-        return best.endpoint
+                    best = ep
+        return best
 
 
-def _score(s: ScoredEndpoint) -> float:
-    return s.score
+def _score(item: tuple[Endpoint, float]) -> float:
+    return item[1]

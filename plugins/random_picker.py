@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import ClassVar
 
+from epp.datastore.endpoint import Endpoint
 from epp.scheduling.registry import PluginHandle, register
-from epp.scheduling.types import CycleState, ProfileResult, ScoredEndpoint
+from epp.scheduling.types import CycleState, ProfileResult
 from plugins.max_score_picker import PickerParams
 
 
@@ -28,11 +29,11 @@ class RandomPicker:
         self.max_num_of_endpoints = params.max_num_of_endpoints
         self.rng = random.Random()
 
-    def pick(self, state: CycleState, scored: Sequence[ScoredEndpoint]) -> ProfileResult:
-        n = len(scored)
+    def pick(self, state: CycleState, scores: Mapping[Endpoint, float]) -> ProfileResult:
+        candidates = list(scores)
+        n = len(candidates)
         if n == 0:
             return ProfileResult(())
         if self.max_num_of_endpoints == 1:
-            return ProfileResult((scored[self.rng.randrange(n)].endpoint,))
-        chosen = self.rng.sample(scored, min(self.max_num_of_endpoints, n))
-        return ProfileResult(tuple(s.endpoint for s in chosen))
+            return ProfileResult((candidates[self.rng.randrange(n)],))
+        return ProfileResult(tuple(self.rng.sample(candidates, min(self.max_num_of_endpoints, n))))

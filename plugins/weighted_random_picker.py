@@ -6,13 +6,13 @@ import heapq
 import math
 import random
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Mapping
 from itertools import accumulate
 from typing import ClassVar
 
 from epp.datastore.endpoint import Endpoint
 from epp.scheduling.registry import PluginHandle, register
-from epp.scheduling.types import CycleState, ProfileResult, ScoredEndpoint
+from epp.scheduling.types import CycleState, ProfileResult
 from plugins.max_score_picker import PickerParams
 
 
@@ -42,7 +42,8 @@ class WeightedRandomPicker:
         self.max_num_of_endpoints = params.max_num_of_endpoints
         self.rng = random.Random()
 
-    def pick(self, state: CycleState, scored: Sequence[ScoredEndpoint]) -> ProfileResult:
+    def pick(self, state: CycleState, scores: Mapping[Endpoint, float]) -> ProfileResult:
+        scored = list(scores.items())
         n_wanted = self.max_num_of_endpoints
         if n_wanted == 1 and scored:
             one = self._pick_one(scored)
@@ -53,27 +54,27 @@ class WeightedRandomPicker:
         keyed: list[tuple[float, int]] = []
         zero: list[int] = []
         for i, s in enumerate(scored):
-            w = s.score
+            w = s[1]
             if w > 0.0:
                 keyed.append((log(1.0 - rand()) / w, i))  # 1 - U is in (0, 1], so the log is finite
             else:
                 zero.append(i)  # zero, negative or NaN
         top = heapq.nlargest(n_wanted, keyed) if len(keyed) > n_wanted else sorted(keyed, reverse=True)
-        picked = [scored[i].endpoint for _, i in top]
+        picked = [scored[i][0] for _, i in top]
         missing = n_wanted - len(picked)
         if missing > 0 and zero:
-            picked.extend(scored[i].endpoint for i in self.rng.sample(zero, min(missing, len(zero))))
+            picked.extend(scored[i][0] for i in self.rng.sample(zero, min(missing, len(zero))))
         return ProfileResult(tuple(picked))
 
-    def _pick_one(self, scored: Sequence[ScoredEndpoint]) -> Endpoint | None:
+    def _pick_one(self, scored: list[tuple[Endpoint, float]]) -> Endpoint | None:
         """One endpoint with probability score/Σscore, by one draw on the cumulative scores: the distribution
         A-Res gives for a single pick, with one random number instead of one per endpoint. None when no score
         is positive or the sum is not finite (the caller then falls back to the general path)."""
-        cumulative = list(accumulate(s.score if s.score > 0.0 else 0.0 for s in scored))
+        cumulative = list(accumulate(s[1] if s[1] > 0.0 else 0.0 for s in scored))
         total = cumulative[-1]
         if not 0.0 < total < math.inf:
             return None
         i = bisect_right(cumulative, self.rng.random() * total)
         if i == len(cumulative):  # the draw rounded up to the total: take the last positive score
             i = bisect_left(cumulative, total)
-        return scored[i].endpoint
+        return scored[i][0]

@@ -30,7 +30,8 @@ NEVER_SCRAPED = Metrics()
 
 @dataclass(eq=False, slots=True)
 class Endpoint:
-    """One serving endpoint. Identity is the object itself (hashable by id), so endpoints can key dicts.
+    """One serving endpoint. Identity is the object itself (eq=False keeps object's C-level identity hash),
+    so endpoints key dicts cheaply.
 
     `name` is stable for the endpoint's life: `<pod>-rank-<i>` under Kubernetes, `ip:port` for a static pool.
     `in_flight` and `in_flight_tokens` are kept by the EPP itself (requests it routed here that have not
@@ -52,9 +53,6 @@ class Endpoint:
         if not self.hostport:
             host = f"[{self.address}]" if ":" in self.address else self.address
             self.hostport = f"{host}:{self.port}"
-
-    def __hash__(self) -> int:
-        return id(self)
 
     def __repr__(self) -> str:
         return f"Endpoint({self.name!r}, {self.hostport})"

@@ -30,6 +30,6 @@ def ext_proc_handler(new_session: Callable[[], ExtProcSession]) -> grpc.GenericR
     handler = grpc.stream_stream_rpc_method_handler(
         process,
         request_deserializer=p.ProcessingRequest.FromString,
-        response_serializer=p.ProcessingResponse.SerializeToString,
+        response_serializer=p.serialize,
     )
     return grpc.method_handlers_generic_handler(SERVICE, {"Process": handler})

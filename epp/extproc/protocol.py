@@ -1,4 +1,9 @@
-"""Endpoint Picker Protocol constants and ext_proc response builders (xds-protos / upb messages)."""
+"""Endpoint Picker Protocol constants and ext_proc response builders.
+
+Builders return xds-protos (upb) messages, or, on the per-request hot path, the already serialized bytes
+of one (`Reply`): streamed body frames are encoded by hand around the body (one copy of the body instead
+of one per protobuf layer), and routing answers are serialized once per destination and reused. The
+transport sends bytes as they are and serializes messages."""
 
 from __future__ import annotations
 
@@ -17,6 +22,35 @@ BODY_CHUNK = 62_000
 
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
+Reply = pb.ProcessingResponse | bytes
+
+
+def serialize(reply: Reply) -> bytes:
+    return reply if type(reply) is bytes else reply.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _streamed_frame(body: bytes | memoryview, end_of_stream: bool, response: bool) -> bytes:
+    """The serialized ProcessingResponse{request_body|response_body: BodyResponse{response: CommonResponse{
+    body_mutation: BodyMutation{streamed_response: StreamedBodyResponse{body, end_of_stream}}}}}."""
+    n = len(body)
+    tail = b"\x10\x01" if end_of_stream else b""  # StreamedBodyResponse.end_of_stream (field 2) = true
+    body_tag = b"\x0a" + _varint(n) if n else b""  # proto3 leaves an empty bytes field out
+    l1 = len(body_tag) + n + len(tail)  # StreamedBodyResponse
+    l2 = 1 + len(_varint(l1)) + l1  # BodyMutation{streamed_response = 3}
+    l3 = 1 + len(_varint(l2)) + l2  # CommonResponse{body_mutation = 3}
+    l4 = 1 + len(_varint(l3)) + l3  # BodyResponse{response = 1}
+    head = b"".join((b"\x22" if response else b"\x1a", _varint(l4), b"\x0a", _varint(l3), b"\x1a", _varint(l2),
+                     b"\x1a", _varint(l1), body_tag))
+    return b"".join((head, body, tail))
 
 
 def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
@@ -92,17 +126,33 @@ def streamed_body(chunk: bytes, end_of_stream: bool, response: bool) -> Processi
     return pb.ProcessingResponse(response_body=body) if response else pb.ProcessingResponse(request_body=body)
 
 
-def streamed_chunks(body: bytes | memoryview, end_of_stream: bool, response: bool) -> list[ProcessingResponse]:
-    """`body` as streamed body answers of at most BODY_CHUNK bytes; the last carries end_of_stream."""
+def streamed_chunks(body: bytes | memoryview, end_of_stream: bool, response: bool) -> list[bytes]:
+    """`body` as serialized streamed body answers of at most BODY_CHUNK bytes; the last carries
+    end_of_stream."""
+    n = len(body)
+    if n <= BODY_CHUNK:
+        return [_streamed_frame(body, end_of_stream, response)]
     view = memoryview(body)
-    n = len(view)
-    if n == 0:
-        return [streamed_body(b"", end_of_stream, response)]
-    out = []
-    for off in range(0, n, BODY_CHUNK):
-        end = min(off + BODY_CHUNK, n)
-        out.append(streamed_body(bytes(view[off:end]), end_of_stream and end == n, response))
-    return out
+    return [_streamed_frame(view[off : off + BODY_CHUNK], end_of_stream and off + BODY_CHUNK >= n, response)
+            for off in range(0, n, BODY_CHUNK)]
+
+
+class ReplyCache:
+    """Serialized routing answers per destination, so the common answer (destination only, no extra
+    headers, unchanged body) is built once per destination rather than once per request. Bounded: cleared
+    when it grows past `limit` destinations (pools change; fallback lists multiply the keys)."""
+
+    def __init__(self, limit: int = 8192) -> None:
+        self._headers: dict[str, bytes] = {}
+        self._limit = limit
+
+    def request_headers_routed(self, destination: str) -> bytes:
+        reply = self._headers.get(destination)
+        if reply is None:
+            if len(self._headers) >= self._limit:
+                self._headers.clear()
+            reply = self._headers[destination] = request_headers_routed(destination, {}, None).SerializeToString()
+        return reply
 
 
 def buffered_body(body: bytes | None, response: bool) -> ProcessingResponse:

@@ -35,12 +35,13 @@ _REWRITE_PATTERNS = (b'"model":"%s"', b'"model": "%s"')
 
 
 class ExtProcSession:
-    __slots__ = ("director", "max_body_bytes", "headers", "body", "routed", "request_id", "start", "subset",
-                 "request_mode", "response_mode", "finished_request", "closed", "_model_swap")
+    __slots__ = ("director", "max_body_bytes", "replies", "headers", "body", "routed", "request_id", "start",
+                 "subset", "request_mode", "response_mode", "finished_request", "closed", "_model_swap")
 
-    def __init__(self, director: Director, max_body_bytes: int) -> None:
+    def __init__(self, director: Director, max_body_bytes: int, replies: p.ReplyCache | None = None) -> None:
         self.director = director
         self.max_body_bytes = max_body_bytes
+        self.replies = replies if replies is not None else p.ReplyCache()
         self.headers: dict[str, str] | None = None
         self.body = bytearray()
         self.routed: Routed | None = None
@@ -55,7 +56,8 @@ class ExtProcSession:
 
     # ------------------------------------------------------------------ entry point
 
-    def handle(self, msg: p.ProcessingRequest) -> list[p.ProcessingResponse]:
+    def handle(self, msg: p.ProcessingRequest) -> list[p.Reply]:
+        """The answers to one message from Envoy, in order (messages, or already serialized bytes)."""
         if self.closed:
             return []
         kind = msg.WhichOneof("request")
@@ -83,7 +85,7 @@ class ExtProcSession:
 
     # ------------------------------------------------------------------ request path
 
-    def _request_headers(self, msg: p.ProcessingRequest) -> list[p.ProcessingResponse]:
+    def _request_headers(self, msg: p.ProcessingRequest) -> list[p.Reply]:
         if self.headers is not None:
             raise RequestError(400, "protocol error: request headers received twice on one ext_proc stream")
         self.start = monotonic()
@@ -98,7 +100,7 @@ class ExtProcSession:
             routed = self.director.route_header_only(headers, self.request_id, self.subset, self.start)
             self.routed = routed
             self.finished_request = True
-            return [p.request_headers_routed(routed.endpoint.hostport, {}, None)]
+            return [self.replies.request_headers_routed(routed.endpoint.hostport)]
         if self.request_mode in BUFFERED_MODES:
             return [p.continue_request_headers()]
         if self.request_mode != FULL_DUPLEX:
@@ -106,7 +108,7 @@ class ExtProcSession:
                                     "route on (STREAMED); configure request_body_mode FULL_DUPLEX_STREAMED")
         return []  # deferred until the body is complete
 
-    def _request_body(self, msg: p.ProcessingRequest) -> list[p.ProcessingResponse]:
+    def _request_body(self, msg: p.ProcessingRequest) -> list[p.Reply]:
         if self.headers is None:
             raise RequestError(400, "protocol error: request body before request headers")
         if self.finished_request:
@@ -120,14 +122,14 @@ class ExtProcSession:
             return []
         return self._route(end_of_stream=True)
 
-    def _request_trailers(self, msg: p.ProcessingRequest) -> list[p.ProcessingResponse]:
+    def _request_trailers(self, msg: p.ProcessingRequest) -> list[p.Reply]:
         if self.headers is None:
             raise RequestError(400, "protocol error: request trailers before request headers")
         out = [] if self.finished_request else self._route(end_of_stream=False)
         out.append(p.request_trailers())
         return out
 
-    def _route(self, end_of_stream: bool) -> list[p.ProcessingResponse]:
+    def _route(self, end_of_stream: bool) -> list[p.Reply]:
         assert self.headers is not None
         body = bytes(self.body)
         self.body = bytearray()
@@ -144,12 +146,15 @@ class ExtProcSession:
         if self.request_mode in BUFFERED_MODES:
             out = [p.request_body_routed(destination, extra, routed.body if rewritten else None)]
         else:
-            out = [p.request_headers_routed(destination, extra, len(routed.body) if rewritten else None)]
+            if extra or rewritten:
+                out = [p.request_headers_routed(destination, extra, len(routed.body) if rewritten else None)]
+            else:
+                out = [self.replies.request_headers_routed(destination)]
             out.extend(p.streamed_chunks(routed.body, end_of_stream, response=False))
         self.director.metrics.request_overhead.observe(perf_counter() - t0)
         return out
 
-    def _reject(self, status: int, message: str) -> list[p.ProcessingResponse]:
+    def _reject(self, status: int, message: str) -> list[p.Reply]:
         self.closed = True
         self.finished_request = True
         if status >= 500:
@@ -160,7 +165,7 @@ class ExtProcSession:
 
     # ------------------------------------------------------------------ response path
 
-    def _response_headers(self, msg: p.ProcessingRequest) -> list[p.ProcessingResponse]:
+    def _response_headers(self, msg: p.ProcessingRequest) -> list[p.Reply]:
         routed = self.routed
         if routed is not None:
             headers = p.header_map(msg.response_headers)
@@ -176,7 +181,7 @@ class ExtProcSession:
                 self.director.complete(routed)
         return [p.continue_response_headers()]
 
-    def _response_body(self, msg: p.ProcessingRequest) -> list[p.ProcessingResponse]:
+    def _response_body(self, msg: p.ProcessingRequest) -> list[p.Reply]:
         body = msg.response_body
         chunk = body.body
         routed = self.routed
@@ -196,7 +201,7 @@ class ExtProcSession:
         out = chunk if rewritten is None else rewritten
         return p.streamed_chunks(out, body.end_of_stream, response=True)
 
-    def _response_trailers(self) -> list[p.ProcessingResponse]:
+    def _response_trailers(self) -> list[p.Reply]:
         routed = self.routed
         if routed is not None and not routed.done:
             routed.response.end_of_stream = True

@@ -5,6 +5,8 @@ One `EppMetrics` per process, holding its own CollectorRegistry (no global regis
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -15,6 +17,7 @@ from epp.datastore.pool import Pool
 _LATENCY_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20,
                     30, 45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
 _FAST_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+PLUGIN_TIMING_SAMPLE = 16
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 _SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 
@@ -60,7 +63,8 @@ class EppMetrics:
         self.scheduler_attempts = Counter("inference_extension_scheduler_attempts_total",
                                           "Scheduling attempts by outcome.", ["status"], registry=r)
         self.plugin_duration = Histogram("inference_extension_plugin_duration_seconds",
-                                         "Time spent in each plugin, by extension point.",
+                                         "Time spent in each plugin, by extension point (sampled: one request in 16 "
+                                         "is timed, to keep timing off the hot path).",
                                          ["extension_point", "plugin_type", "plugin_name"], buckets=_FAST_BUCKETS,
                                          registry=r)
         self.request_overhead = Histogram("inference_extension_request_processing_seconds",
@@ -72,6 +76,22 @@ class EppMetrics:
         self.info.labels(commit="", build_ref=__version__).set(1)
         r.register(_PoolCollector(self))
         self._plugin_children: dict[tuple[str, int], object] = {}
+        self._model_series: dict[tuple[str, str], ModelSeries] = {}
+
+    def model_series(self, model: str, target: str) -> ModelSeries:
+        """The per-model children, looked up once per (model, target) pair rather than per request."""
+        series = self._model_series.get((model, target))
+        if series is None:
+            labels = (model, target)
+            series = ModelSeries(
+                requests={}, request_total=self.request_total, errors={}, error_total=self.request_error_total,
+                labels=labels, request_sizes=self.request_sizes.labels(*labels),
+                response_sizes=self.response_sizes.labels(*labels), duration=self.request_duration.labels(*labels),
+                ttft=self.ttft.labels(*labels), input_tokens=self.input_tokens.labels(*labels),
+                output_tokens=self.output_tokens.labels(*labels), cached_tokens=self.cached_tokens.labels(*labels),
+                running=self.running_requests.labels(model))
+            self._model_series[(model, target)] = series
+        return series
 
     def observe_plugin(self, extension_point: str, plugin: object, seconds: float) -> None:
         key = (extension_point, id(plugin))
@@ -84,6 +104,35 @@ class EppMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(slots=True)
+class ModelSeries:
+    labels: tuple[str, str]
+    requests: dict[int, Any]  # priority -> request_total child
+    request_total: Counter
+    errors: dict[str, Any]  # error code -> request_error_total child
+    error_total: Counter
+    request_sizes: Any
+    response_sizes: Any
+    duration: Any
+    ttft: Any
+    input_tokens: Any
+    output_tokens: Any
+    cached_tokens: Any
+    running: Any
+
+    def request(self, priority: int) -> None:
+        child = self.requests.get(priority)
+        if child is None:
+            child = self.requests[priority] = self.request_total.labels(*self.labels, str(priority))
+        child.inc()
+
+    def error(self, code: str) -> None:
+        child = self.errors.get(code)
+        if child is None:
+            child = self.errors[code] = self.error_total.labels(*self.labels, code)
+        child.inc()
 
 
 class _PoolCollector:

@@ -16,7 +16,6 @@ from epp.scheduling.types import (
     ProfileResult,
     ResponseInfo,
     SchedulingResult,
-    ScoredEndpoint,
 )
 
 if TYPE_CHECKING:
@@ -46,9 +45,10 @@ class Scorer(Protocol):
 
 @runtime_checkable
 class Picker(Protocol):
-    """Chooses the target endpoints from the scored candidates, best first."""
+    """Chooses the target endpoints from the candidates and their weighted total scores
+    (`{endpoint: score}`, in candidate order), best first."""
 
-    def pick(self, state: CycleState, scored: Sequence[ScoredEndpoint]) -> ProfileResult: ...
+    def pick(self, state: CycleState, scores: Mapping[Endpoint, float]) -> ProfileResult: ...
 
 
 @runtime_checkable

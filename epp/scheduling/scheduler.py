@@ -10,7 +10,7 @@ from time import perf_counter
 from epp.datastore.endpoint import Endpoint
 from epp.request import LLMRequest
 from epp.scheduling.interfaces import Filter, Picker, ProfileHandler, Scorer
-from epp.scheduling.types import CycleState, ProfileResult, SchedulingError, SchedulingResult, ScoredEndpoint
+from epp.scheduling.types import CycleState, ProfileResult, SchedulingError, SchedulingResult
 
 # (extension point, plugin, seconds) -> None; used for inference_extension_plugin_duration_seconds.
 PluginTimer = Callable[[str, object, float], None]
@@ -48,14 +48,13 @@ class SchedulerProfile:
                 timer("Scorer", ws.scorer, perf_counter() - t0)
             w = ws.weight
             for ep, s in scores.items():
-                if ep in totals:
-                    # Clamp to [0, 1]; NaN counts as 0.
-                    totals[ep] += w * (1.0 if s >= 1.0 else s if s > 0.0 else 0.0)
-        scored = [ScoredEndpoint(ep, total) for ep, total in totals.items()]
+                # Clamp to [0, 1] (NaN counts as 0); endpoints a scorer adds that are not candidates are ignored.
+                if s > 0.0 and ep in totals:
+                    totals[ep] += w if s >= 1.0 else w * s
         if self.picker is None:
             raise RuntimeError(f"profile {self.name!r} has no picker")
         t0 = perf_counter()
-        result = self.picker.pick(state, scored)
+        result = self.picker.pick(state, totals)
         if timer is not None:
             timer("Picker", self.picker, perf_counter() - t0)
         return result if result.endpoints else None

@@ -13,12 +13,6 @@ class CycleState(dict[str, Any]):
 
 
 @dataclass(frozen=True, slots=True)
-class ScoredEndpoint:
-    endpoint: Endpoint
-    score: float
-
-
-@dataclass(frozen=True, slots=True)
 class ProfileResult:
     """What one profile's picker chose: the target endpoints in preference order (first is the primary,
     the rest are fallbacks)."""

@@ -262,3 +262,22 @@ async def test_tls_ext_proc_with_a_self_signed_certificate(procs):
         status, _, body = await post(s, f"http://127.0.0.1:{envoy.ports['listen']}/v1/completions",
                                      {"model": "m", "prompt": "x"})
     assert status == 200 and json.loads(body)["served_by"] in backends
+
+
+async def test_metrics_use_the_reference_names_and_record_usage(stack):
+    async with aiohttp.ClientSession() as s:
+        status, _, _ = await post(s, stack["url"] + "/v1/completions",
+                                  {"model": "m", "prompt": "usage", "stream": True}, {"x-events": "3"})
+        assert status == 200
+        async with s.get(f"http://127.0.0.1:{stack['epp'].ports['metrics']}/metrics") as r:
+            text = await r.text()
+    names = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+    for name in ("inference_objective_request_total", "inference_objective_request_duration_seconds_bucket",
+                 "inference_objective_input_tokens_bucket", "inference_objective_output_tokens_bucket",
+                 "inference_objective_prompt_cached_tokens_bucket", "inference_pool_ready_pods",
+                 "inference_pool_average_queue_size", "inference_extension_scheduler_e2e_duration_seconds_bucket",
+                 "inference_extension_plugin_duration_seconds_bucket", "inference_extension_info"):
+        assert name in names, name
+    assert metric_values(text, "inference_pool_ready_pods") == [3.0]
+    # The stub backend's last SSE event reports 7 prompt tokens, 3 of them cached.
+    assert sum(metric_values(text, "inference_objective_prompt_cached_tokens_sum")) >= 3

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import orjson
 from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 from epp.config import load_config
 from epp.datastore.pool import Pool
 from epp.datastore.static import parse_endpoints
 from epp.director import Director
+from epp.extproc.session import ExtProcSession
 from epp.observability.metrics import EppMetrics
 from epp.scheduling.registry import PluginHandle, load_builtin_plugins
 
@@ -82,3 +83,13 @@ def destination_of(resp: pb.ProcessingResponse) -> tuple[str, str]:
                   if h.header.key == "x-gateway-destination-endpoint")
     meta = resp.dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint"].string_value
     return header, meta
+
+
+class DecodedSession(ExtProcSession):
+    """An ExtProcSession whose answers are decoded back into messages (the real one may emit serialized
+    bytes on the hot path), so tests read every answer the same way."""
+
+    __slots__ = ()
+
+    def handle(self, msg):
+        return [pb.ProcessingResponse.FromString(r) if isinstance(r, bytes) else r for r in super().handle(msg)]

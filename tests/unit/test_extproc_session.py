@@ -3,13 +3,20 @@
 import json
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from epp.extproc.protocol import BODY_CHUNK
-from epp.extproc.session import ExtProcSession
+from epp.extproc.protocol import (
+    BODY_CHUNK,
+    ReplyCache,
+    request_headers_routed,
+    streamed_body,
+    streamed_chunks,
+)
 from tests.unit.extproc_helpers import (
     CHAT_HEADERS,
+    DecodedSession,
     Mode,
     body_msg,
     chat_body,
@@ -23,7 +30,7 @@ from tests.unit.extproc_helpers import (
 
 def session(**kw):
     d = make_director(**kw)
-    return ExtProcSession(d, max_body_bytes=1 << 20), d
+    return DecodedSession(d, max_body_bytes=1 << 20), d
 
 
 def test_headers_answer_is_deferred_until_the_body_is_complete():
@@ -56,7 +63,7 @@ def test_header_only_request_goes_to_a_random_endpoint_at_once():
     s, d = session()
     seen = set()
     for _ in range(60):
-        s = ExtProcSession(d, 1 << 20)
+        s = DecodedSession(d, 1 << 20)
         (out,) = s.handle(headers_msg({":method": "GET", ":path": "/v1/models"}, end_of_stream=True))
         seen.add(destination_of(out)[0])
         s.close()
@@ -100,7 +107,7 @@ def test_bad_body_is_400_with_openai_error():
 
 def test_body_over_the_limit_is_400_naming_the_flag():
     d = make_director()
-    s = ExtProcSession(d, max_body_bytes=100)
+    s = DecodedSession(d, max_body_bytes=100)
     s.handle(headers_msg(CHAT_HEADERS))
     (out,) = s.handle(body_msg(b"x" * 101, False))
     assert out.immediate_response.status.code == 400
@@ -109,11 +116,11 @@ def test_body_over_the_limit_is_400_naming_the_flag():
 
 def test_sheddable_request_on_a_saturated_pool_is_429():
     d = make_director(objectives={"batch": -1})  # never-scraped endpoints count as saturated
-    s = ExtProcSession(d, 1 << 20)
+    s = DecodedSession(d, 1 << 20)
     s.handle(headers_msg({**CHAT_HEADERS, "x-gateway-inference-objective": "batch"}))
     (out,) = s.handle(body_msg(chat_body(), True))
     assert out.immediate_response.status.code == 429
-    s = ExtProcSession(d, 1 << 20)  # priority 0 (no objective) is never shed
+    s = DecodedSession(d, 1 << 20)  # priority 0 (no objective) is never shed
     s.handle(headers_msg(CHAT_HEADERS))
     assert s.handle(body_msg(chat_body(), True))[0].HasField("request_headers")
 
@@ -185,7 +192,7 @@ _messages = st.one_of(
 @given(st.lists(_messages, max_size=12))
 def test_random_message_orders_never_crash_and_never_leak(msgs):
     d = make_director()
-    s = ExtProcSession(d, 1 << 20)
+    s = DecodedSession(d, 1 << 20)
     for m in msgs:
         for resp in s.handle(m):
             assert resp.WhichOneof("response") is not None
@@ -202,7 +209,7 @@ def test_random_message_orders_never_crash_and_never_leak(msgs):
                                                       "/v1/responses", "/v1/other"]))
 def test_random_bodies_get_a_route_or_a_4xx_never_an_exception(body, path):
     d = make_director()
-    s = ExtProcSession(d, 1 << 20)
+    s = DecodedSession(d, 1 << 20)
     s.handle(headers_msg({**CHAT_HEADERS, ":path": path}))
     out = s.handle(body_msg(body, True))
     assert out
@@ -211,3 +218,18 @@ def test_random_bodies_get_a_route_or_a_4xx_never_an_exception(body, path):
     else:
         assert out[0].HasField("request_headers")
     s.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 61_999, 62_000])
+@pytest.mark.parametrize("end_of_stream", [False, True])
+@pytest.mark.parametrize("response", [False, True])
+def test_hand_encoded_body_frames_equal_the_protobuf_encoding(size, end_of_stream, response):
+    body = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    (frame,) = streamed_chunks(body, end_of_stream, response)
+    assert frame == streamed_body(body, end_of_stream, response).SerializeToString()
+
+
+def test_cached_routing_answer_equals_a_fresh_one():
+    cache = ReplyCache(limit=2)
+    for dest in ("10.0.0.1:8000", "10.0.0.1:8000,10.0.0.2:8000", "10.0.0.3:8000"):
+        assert cache.request_headers_routed(dest) == request_headers_routed(dest, {}, None).SerializeToString()

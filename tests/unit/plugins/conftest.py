@@ -11,7 +11,6 @@ import pytest
 from epp.datastore.endpoint import Endpoint, Metrics
 from epp.request import LLMRequest
 from epp.scheduling import registry
-from epp.scheduling.types import ScoredEndpoint
 
 
 def _endpoint(
@@ -70,10 +69,11 @@ def make_plugin() -> Callable[..., Any]:
 
 
 @pytest.fixture
-def scored() -> Callable[..., list[ScoredEndpoint]]:
-    """`scored({"a": 0.5, "b": 1.0})`: ScoredEndpoints for fresh endpoints named by the keys, in that order."""
+def scored() -> Callable[..., dict[Endpoint, float]]:
+    """`scored({"a": 0.5, "b": 1.0})`: `{endpoint: score}` for fresh endpoints named by the keys, in that order
+    (what the scheduler hands a picker)."""
 
-    def build(scores: Mapping[str, float]) -> list[ScoredEndpoint]:
-        return [ScoredEndpoint(_endpoint(name), score) for name, score in scores.items()]
+    def build(scores: Mapping[str, float]) -> dict[Endpoint, float]:
+        return {_endpoint(name): score for name, score in scores.items()}
 
     return build
