@@ -19,6 +19,7 @@ from epp.extproc.session import ExtProcSession
 from epp.extproc.tls import server_credentials
 from epp.observability.health import HealthServicer
 from epp.observability.metrics import EppMetrics
+from epp.scheduling.interfaces import Lifecycle
 
 log = logging.getLogger("epp")
 
@@ -43,6 +44,8 @@ class EppApp:
         self.pool = pool
         self.options = options
         self.metrics = EppMetrics(pool, staleness_s=options.metrics_staleness_s)
+        self.metrics.add_plugin_collectors(config.plugins.values())
+        self._lifecycle = [p for p in config.plugins.values() if isinstance(p, Lifecycle)]
         self.director = Director(config, pool, self.metrics, options.objectives,
                                  DirectorOptions(disable_subset_filter=options.disable_subset_filter))
         self.replies = ReplyCache()
@@ -86,6 +89,8 @@ class EppApp:
         await site.start()
         self.ports["metrics"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         await self.scraper.start()
+        for plugin in self._lifecycle:
+            await plugin.start()
         log.info("epp serving ext_proc on %s:%d (%s), health on %d, metrics on %d; pool %s with %d endpoints; "
                  "config from %s", o.host, self.ports["grpc"], "TLS" if o.secure_serving else "plaintext",
                  self.ports["health"], self.ports["metrics"], self.pool.name, len(self.pool.endpoints),
@@ -96,6 +101,11 @@ class EppApp:
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def stop(self, grace: float = 1.0) -> None:
+        for plugin in reversed(self._lifecycle):
+            try:
+                await plugin.stop()
+            except Exception:
+                log.exception("stopping plugin %s failed", getattr(plugin, "name", plugin))
         await self.scraper.stop()
         if self._grpc is not None:
             await self._grpc.stop(grace)

@@ -4,7 +4,7 @@ One `EppMetrics` per process, holding its own CollectorRegistry (no global regis
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +93,15 @@ class EppMetrics:
             self._model_series[(model, target)] = series
         return series
 
+    def add_plugin_collectors(self, plugins: Iterable[object]) -> None:
+        """Export the metrics of plugins that implement MetricsCollector (their `collect()` runs at scrape
+        time)."""
+        from epp.scheduling.interfaces import MetricsCollector
+
+        collectors = [p for p in plugins if isinstance(p, MetricsCollector)]
+        if collectors:
+            self.registry.register(_PluginCollector(collectors))
+
     def observe_plugin(self, extension_point: str, plugin: object, seconds: float) -> None:
         key = (extension_point, id(plugin))
         child = self._plugin_children.get(key)
@@ -133,6 +142,18 @@ class ModelSeries:
         if child is None:
             child = self.errors[code] = self.error_total.labels(*self.labels, code)
         child.inc()
+
+
+class _PluginCollector:
+    def __init__(self, plugins: list) -> None:
+        self._plugins = plugins
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for plugin in self._plugins:
+            yield from plugin.collect()
 
 
 class _PoolCollector:

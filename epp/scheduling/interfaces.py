@@ -6,8 +6,8 @@ Scheduling-path methods are synchronous and must not block: they run on the even
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from epp.datastore.endpoint import Endpoint, Metrics
 from epp.request import LLMRequest
@@ -136,3 +136,21 @@ class MetricsExtractor(Protocol):
     Raises ValueError when the exposition lacks what the endpoint's engine must report."""
 
     def extract(self, text: bytes, endpoint: Endpoint, now: float) -> Metrics: ...
+
+
+@runtime_checkable
+class Lifecycle(Protocol):
+    """A plugin with background work (e.g. a KV-event subscriber). The EPP awaits `start()` before it
+    serves and `stop()` when it shuts down, on the event loop."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class MetricsCollector(Protocol):
+    """A plugin that exports its own Prometheus metrics: `collect()` yields prometheus_client metric
+    families (e.g. GaugeMetricFamily), called at scrape time."""
+
+    def collect(self) -> Iterable[Any]: ...

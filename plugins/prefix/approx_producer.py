@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from prometheus_client.core import GaugeMetricFamily
+
 from epp.datastore.endpoint import Endpoint
 from epp.request import LLMRequest
 from epp.scheduling.registry import PluginHandle, register
@@ -158,3 +160,10 @@ class ApproxPrefixCacheProducer:
     def index_size(self) -> int:
         """Distinct block hashes remembered (for the `prefix_indexer_size` gauge)."""
         return self.index.size()
+
+    def collect(self):
+        """MetricsCollector: the index size under the reference EPP's metric name."""
+        family = GaugeMetricFamily("inference_extension_prefix_indexer_size",
+                                   "Distinct prefix block hashes in the approximate index.", labels=["plugin"])
+        family.add_metric([self.name], self.index.size())
+        yield family
