@@ -35,6 +35,13 @@ class Pool:
         if self._endpoints:
             listener(list(self._endpoints), [])
 
+    def remove_listener(self, listener: PoolListener) -> None:
+        """Stop notifying `listener` (no error if it was not registered)."""
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            pass
+
     def replace(self, endpoints: Iterable[Endpoint]) -> None:
         """Make the pool exactly `endpoints`. Endpoints whose name is kept keep their object (and so their
         metrics and in-flight counts) when address, port and labels are unchanged."""

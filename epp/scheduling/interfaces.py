@@ -126,8 +126,11 @@ class MetricsSource(Protocol):
 
     interval_s: float
     timeout_s: float
+    insecure_skip_verify: bool
 
     def url(self, endpoint: Endpoint) -> str: ...
+
+    def set_interval(self, seconds: float) -> None: ...
 
 
 @runtime_checkable

@@ -134,9 +134,13 @@ class FakeSource(_Fake):
     type: ClassVar[str] = "test-config-source"
     interval_s = 0.05
     timeout_s = 1.0
+    insecure_skip_verify = True
 
     def url(self, endpoint: Endpoint) -> str:
         return f"http://{endpoint.hostport}/metrics"
+
+    def set_interval(self, seconds: float) -> None:
+        self.interval_s = seconds
 
 
 @register

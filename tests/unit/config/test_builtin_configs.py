@@ -121,13 +121,6 @@ def test_multi_endpoint_example_returns_three_endpoints():
     assert picker.max_num_of_endpoints == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConfigError,
-    reason="epp/datalayer/engines.py refuses cacheInfoSpec without cacheBlockSizeLabelName / "
-    "cacheNumBlocksLabelName, which the reference's example does not write (the reference knows vLLM's "
-    "labels block_size / num_gpu_blocks); remove this mark once a restated engine inherits them",
-)
 def test_disable_lora_scraping_example_restates_the_vllm_engine():
     config = load_fixture("gie-disable-lora-scraping.yaml")
     ((_, (extractor,)),) = config.data_sources
