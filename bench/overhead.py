@@ -131,12 +131,13 @@ def scheduling_time(n_endpoints: int, bodies: list[bytes], iterations: int = 200
             "mean_us": statistics.fmean(times) * 1e6}
 
 
-async def run_pool(n: int, rates: list[float], duration: float, bodies: list[bytes], workdir: Path) -> list[dict]:
+async def run_pool(n: int, rates: list[float], duration: float, bodies: list[bytes], workdir: Path,
+                   epp_args: list[str]) -> list[dict]:
     procs = Processes(workdir)
     rows = []
     try:
         _, backends = procs.backends(n, first_ip=2, name=f"backends-{n}")
-        epp = procs.epp(",".join(backends), name=f"epp-{n}")
+        epp = procs.epp(",".join(backends), *epp_args, name=f"epp-{n}")
         via_epp = procs.envoy(epp.ports["grpc"])
         direct = procs.envoy(0, pool=backends, direct=True)
         await asyncio.sleep(1.0)  # scrapes settle
@@ -163,6 +164,7 @@ def main() -> int:
     ap.add_argument("--rates", default="50,200,500")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--prompt-tokens", type=int, default=8192)
+    ap.add_argument("--refresh-metrics-interval", default="50ms", help="epp's scrape period (default 50ms)")
     args = ap.parse_args()
     try:
         import uvloop
@@ -188,11 +190,14 @@ def main() -> int:
     workdir.mkdir(exist_ok=True)
     rows = []
     for n in pools:
-        rows += asyncio.run(run_pool(n, rates, args.duration, bodies, workdir))
+        rows += asyncio.run(run_pool(n, rates, args.duration, bodies, workdir,
+                                     ["--refresh-metrics-interval", args.refresh_metrics_interval]))
     result = {"prompt_tokens": args.prompt_tokens, "body_bytes": len(bodies[0]), "scheduling": sched,
+              "refresh_metrics_interval": args.refresh_metrics_interval,
               "latency": rows}
-    (OUT / "overhead.json").write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {OUT / 'overhead.json'}")
+    out = OUT / f"overhead-{args.refresh_metrics_interval}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
     return 0
 
 
