@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # torch: the CPU build (a plain `pip install torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test test-unit test-integration demo lint bench clean
+.PHONY: venv test test-unit test-integration demo lint bench bench-overhead clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,15 @@ lint: venv
 demo: venv
 	$(PY) -m bench.demo
 
-bench: venv
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[dev,bench]"
+	touch $@
+
+# Prefix-routing benchmark: policies x workloads on the local stack; results under bench/results/.
+bench: venv $(VENV)/.bench-installed
+	$(PY) -m bench.prefix_routing
+
+bench-overhead: venv
 	$(PY) -m bench.overhead
 
 clean:
