@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).parent
 
@@ -150,183 +152,92 @@ end
 """
 
 
+def _address(hostport: str) -> dict:
+    host, port = hostport.rsplit(":", 1)
+    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+
+
+def _static_cluster(name: str, hostports: list[str], **extra) -> dict:
+    return {"name": name, "connect_timeout": "1s", "type": "STATIC", **extra,
+            "load_assignment": {"cluster_name": name, "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _address(hp)}} for hp in hostports]}]}}
+
+
+def _typed(type_name: str, **config) -> dict:
+    return {"@type": f"type.googleapis.com/{type_name}", **config}
+
+
+def _listener(listen: int, route: dict, http_filters: list[dict]) -> dict:
+    router = {"name": "envoy.filters.http.router",
+              "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
+    hcm = _typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                 stat_prefix="ingress",
+                 route_config={"name": "local", "virtual_hosts": [
+                     {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route}]}]},
+                 http_filters=[*http_filters, router])
+    return {"name": "main", "address": _address(f"127.0.0.1:{listen}"), "filter_chains": [{"filters": [
+        {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}
+
+
 def envoy_config(listen: int, admin: int, epp_port: int, *, secure: bool, failure_mode_allow: bool,
                  pool: list[str] | None, request_body_mode: str, response_body_mode: str,
                  direct: bool = False, epp_health_port: int | None = None) -> str:
     """Envoy as the reference e2e runs it: an ext_proc filter in full-duplex streamed mode, and either an
     ORIGINAL_DST cluster routed by the x-gateway-destination-endpoint header, or (pool given) a static
     pool cluster with the override_host LB policy that walks the EPP's comma-separated fallback list on
-    retries (and round-robins when the EPP is unavailable and the filter fails open)."""
-    lua = "\n".join("                  " + line for line in LUA_SUBSET.strip().splitlines())
-    tls = """
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: epp
-        common_tls_context: {}""" if secure else ""
-    if epp_health_port:
-        epp_health = f"""
-            health_check_config: {{port_value: {epp_health_port}}}"""
-        epp_checks = """
-    common_lb_config: {healthy_panic_threshold: {value: 0}}
-    health_checks:
-    - timeout: 1s
-      interval: 0.5s
-      no_traffic_interval: 0.5s
-      unhealthy_threshold: 1
-      healthy_threshold: 1
-      grpc_health_check: {service_name: envoy.service.ext_proc.v3.ExternalProcessor}"""
-    else:
-        epp_health = epp_checks = ""
-    if pool:
-        cluster = "pool"
-        endpoints = "\n".join(
-            f"""        - endpoint: {{address: {{socket_address: {{address: {hp.rsplit(':', 1)[0]}, port_value: {hp.rsplit(':', 1)[1]}}}}}}}"""
-            for hp in pool)
-        upstream = f"""
-  - name: pool
-    connect_timeout: 1s
-    type: STATIC
-    load_balancing_policy:
-      policies:
-      - typed_extension_config:
-          name: envoy.load_balancing_policies.override_host
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
-            override_host_sources:
-            - metadata: {{key: envoy.lb, path: [{{key: x-gateway-destination-endpoint}}]}}
-            fallback_policy:
-              policies:
-              - typed_extension_config:
-                  name: envoy.load_balancing_policies.round_robin
-                  typed_config:
-                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
-    load_assignment:
-      cluster_name: pool
-      endpoints:
-      - lb_endpoints:
-{endpoints}"""
-        retry = """
-                  retry_policy: {retry_on: "connect-failure,reset", num_retries: 3}"""
-    else:
-        cluster = "original_destination_cluster"
-        upstream = """
-  - name: original_destination_cluster
-    connect_timeout: 1s
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    original_dst_lb_config:
-      use_http_header: true
-      http_header_name: x-gateway-destination-endpoint"""
-        retry = ""
+    retries (and round-robins when the EPP is unavailable and the filter fails open). With direct=True:
+    Envoy alone, round-robin over `pool`, no ext_proc (the baseline of the overhead benchmark)."""
+    if (direct or pool is not None) and not pool:
+        raise ValueError("a pool cluster needs the pool's endpoints")
+    bootstrap: dict = {"admin": {"address": _address(f"127.0.0.1:{admin}")}}
     if direct:
-        if not pool:
-            raise ValueError("direct Envoy needs the pool's endpoints")
-        endpoints = "\n".join(
-            f"""        - endpoint: {{address: {{socket_address: {{address: {hp.rsplit(':', 1)[0]}, port_value: {hp.rsplit(':', 1)[1]}}}}}}}"""
-            for hp in pool)
-        return f"""
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: main
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: pool, timeout: 60s}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: pool
-    connect_timeout: 1s
-    type: STATIC
-    lb_policy: ROUND_ROBIN
-    load_assignment:
-      cluster_name: pool
-      endpoints:
-      - lb_endpoints:
-{endpoints}
-"""
-    return f"""
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: main
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route:
-                  cluster: {cluster}
-                  timeout: 60s{retry}
-          http_filters:
-          - name: envoy.filters.http.lua
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
-              default_source_code:
-                inline_string: |
-{lua}
-          - name: envoy.filters.http.ext_proc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              grpc_service:
-                envoy_grpc: {{cluster_name: epp}}
-                timeout: 10s
-              failure_mode_allow: {str(failure_mode_allow).lower()}
-              message_timeout: 1000s
-              allow_mode_override: true
-              processing_mode:
-                request_header_mode: SEND
-                response_header_mode: SEND
-                request_body_mode: {request_body_mode}
-                response_body_mode: {response_body_mode}
-                request_trailer_mode: SEND
-                response_trailer_mode: SEND
-              metadata_options:
-                forwarding_namespaces: {{untyped: ["envoy.lb.subset_hint", "envoy.lb"]}}
-                receiving_namespaces: {{untyped: ["envoy.lb"]}}
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: epp
-    connect_timeout: 1s
-    type: STATIC
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
-      cluster_name: epp
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {epp_port}}}}}{epp_health}{epp_checks}{tls}{upstream}
-"""
+        listener = _listener(listen, {"cluster": "pool", "timeout": "60s"}, [])
+        clusters = [_static_cluster("pool", pool, lb_policy="ROUND_ROBIN")]
+        bootstrap["static_resources"] = {"listeners": [listener], "clusters": clusters}
+        return yaml.safe_dump(bootstrap, sort_keys=False)
+    if pool:
+        round_robin = {"policies": [{"typed_extension_config": {
+            "name": "envoy.load_balancing_policies.round_robin",
+            "typed_config": _typed("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin")}}]}
+        override_host = _typed(
+            "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+            override_host_sources=[{"metadata": {"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]}}],
+            fallback_policy=round_robin)
+        upstream = _static_cluster("pool", pool, load_balancing_policy={"policies": [{"typed_extension_config": {
+            "name": "envoy.load_balancing_policies.override_host", "typed_config": override_host}}]})
+        route = {"cluster": "pool", "timeout": "60s",
+                 "retry_policy": {"retry_on": "connect-failure,reset", "num_retries": 3}}
+    else:
+        upstream = {"name": "original_destination_cluster", "connect_timeout": "1s", "type": "ORIGINAL_DST",
+                    "lb_policy": "CLUSTER_PROVIDED",
+                    "original_dst_lb_config": {"use_http_header": True,
+                                               "http_header_name": "x-gateway-destination-endpoint"}}
+        route = {"cluster": "original_destination_cluster", "timeout": "60s"}
+    lua = {"name": "envoy.filters.http.lua", "typed_config": _typed(
+        "envoy.extensions.filters.http.lua.v3.Lua", default_source_code={"inline_string": LUA_SUBSET})}
+    ext_proc = {"name": "envoy.filters.http.ext_proc", "typed_config": _typed(
+        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service={"envoy_grpc": {"cluster_name": "epp"}, "timeout": "10s"},
+        failure_mode_allow=failure_mode_allow, message_timeout="1000s", allow_mode_override=True,
+        processing_mode={"request_header_mode": "SEND", "response_header_mode": "SEND",
+                         "request_body_mode": request_body_mode, "response_body_mode": response_body_mode,
+                         "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"},
+        metadata_options={"forwarding_namespaces": {"untyped": ["envoy.lb.subset_hint", "envoy.lb"]},
+                          "receiving_namespaces": {"untyped": ["envoy.lb"]}})}
+    epp = _static_cluster("epp", [f"127.0.0.1:{epp_port}"], typed_extension_protocol_options={
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            explicit_http_config={"http2_protocol_options": {}})})
+    if epp_health_port:
+        epp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["health_check_config"] = {
+            "port_value": epp_health_port}
+        epp["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+        epp["health_checks"] = [{"timeout": "1s", "interval": "0.5s", "no_traffic_interval": "0.5s",
+                                 "unhealthy_threshold": 1, "healthy_threshold": 1,
+                                 "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"}}]
+    if secure:
+        epp["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", sni="epp", common_tls_context={})}
+    bootstrap["static_resources"] = {"listeners": [_listener(listen, route, [lua, ext_proc])],
+                                     "clusters": [epp, upstream]}
+    return yaml.safe_dump(bootstrap, sort_keys=False)
