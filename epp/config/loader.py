@@ -468,6 +468,16 @@ class _Builder:
             return [(source, [extractor])]
         wired = []
         for s in self.spec.data_sources:
+            notifier = self._resolve(s.ref.plugin_ref, s.ref.where)
+            if callable(getattr(notifier, "attach_extractor", None)):
+                # An endpoint-notification source (llm-d): its extractors follow the pool's endpoints;
+                # nothing is scraped for it.
+                for e in s.extractors:
+                    try:
+                        notifier.attach_extractor(self._resolve(e.plugin_ref, e.where))
+                    except ValueError as exc:
+                        raise e.where.error(str(exc)) from None
+                continue
             source = self._resolve_as(s.ref, MetricsSource, "MetricsSource", self.defaults.metrics_source)
             extractors = [
                 self._resolve_as(e, MetricsExtractor, "MetricsExtractor", self.defaults.metrics_extractor)

@@ -64,6 +64,8 @@ class PrefixCacheScorer:
         self.name = name
         self.params = params
         self.attribute = params.prefix_match_info_producer_name or APPROX_PRODUCER_TYPE
+        # Only the default (approximate) producer is auto-created; a named producer must be declared.
+        self.requires = (APPROX_PRODUCER_TYPE,) if self.attribute == APPROX_PRODUCER_TYPE else ()
         self._w = params.match_length_weight
         self._scale = float(params.match_length_scale_tokens)
 

@@ -236,3 +236,17 @@ def test_binding_refuses_a_plugin_that_does_not_produce_match_info():
     handle.plugins["queue"] = object()
     with pytest.raises(ConfigError, match="the plugin named 'queue' does not produce PrefixCacheMatchInfo"):
         scorer({"prefixMatchInfoProducerName": "queue"}).bind(handle)
+
+
+def test_a_scorer_reading_another_producer_does_not_pull_in_the_approximate_one():
+    from epp.config import load_config
+    from epp.datastore.pool import Pool
+    from epp.scheduling.registry import PluginHandle
+
+    config = load_config(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+        "- type: precise-prefix-cache-producer\n- type: prefix-cache-scorer\n"
+        "  parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}\n",
+        "--config-text", PluginHandle(Pool()))
+    assert "approx-prefix-cache-producer" not in config.plugins
+    assert [p.type for p in config.producers] == ["precise-prefix-cache-producer"]
