@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from epp.config import EppConfig
 from epp.datalayer.scraper import Scraper
+from epp.datastore.models import ModelPolicy
 from epp.datastore.pool import Pool
 from epp.director import Director, DirectorOptions
 from epp.extproc.grpc_server import ext_proc_handler
@@ -39,15 +40,28 @@ class ServeOptions:
 
 
 class EppApp:
-    def __init__(self, config: EppConfig, pool: Pool, options: ServeOptions) -> None:
+    """The EPP process. `policy` gives requests their priority and target model (objectives and
+    InferenceModels; default: `options.objectives`). With `kube` (KubeOptions) the pool and the policy are fed
+    by the Kubernetes watchers, and readiness follows their sync and, with leader election, the Lease;
+    `kube_client` is an ApiClient to use instead of connecting with the options' kubeconfig."""
+
+    def __init__(self, config: EppConfig, pool: Pool, options: ServeOptions, policy: ModelPolicy | None = None,
+                 kube=None, kube_client=None) -> None:
         self.config = config
         self.pool = pool
         self.options = options
+        self.policy = policy if policy is not None else ModelPolicy(options.objectives)
         self.metrics = EppMetrics(pool, staleness_s=options.metrics_staleness_s)
         self.metrics.add_plugin_collectors(config.plugins.values())
+        self.kube = None
+        if kube is not None:
+            from epp.kube.runtime import KubeRuntime
+
+            self.kube = KubeRuntime(pool, self.policy, kube, self.metrics.registry, api_client=kube_client)
         self._lifecycle = [p for p in config.plugins.values() if isinstance(p, Lifecycle)]
-        self.director = Director(config, pool, self.metrics, options.objectives,
-                                 DirectorOptions(disable_subset_filter=options.disable_subset_filter))
+        self.director = Director(config, pool, self.metrics,
+                                 options=DirectorOptions(disable_subset_filter=options.disable_subset_filter),
+                                 policy=self.policy)
         self.replies = ReplyCache()
         self.scraper = Scraper(pool, config.data_sources, on_success=None, on_error=self._scrape_error)
         self._grpc: grpc.aio.Server | None = None
@@ -59,6 +73,10 @@ class EppApp:
         self.metrics.scrape_errors.labels(endpoint.name).inc()
 
     def ready(self) -> bool:
+        """Readiness (the gRPC health service): a static pool once it has endpoints; in Kubernetes mode, as the
+        reference, once the InferencePool and its pods are synced and, with leader election, on the leader."""
+        if self.kube is not None:
+            return self.kube.ready()
         return self.pool.synced and bool(self.pool.endpoints)
 
     def new_session(self) -> ExtProcSession:
@@ -91,6 +109,12 @@ class EppApp:
         await self.scraper.start()
         for plugin in self._lifecycle:
             await plugin.start()
+        if self.kube is not None:
+            try:
+                await self.kube.start()
+            except Exception:
+                await self.stop(0)
+                raise
         log.info("epp serving ext_proc on %s:%d (%s), health on %d, metrics on %d; pool %s with %d endpoints; "
                  "config from %s", o.host, self.ports["grpc"], "TLS" if o.secure_serving else "plaintext",
                  self.ports["health"], self.ports["metrics"], self.pool.name, len(self.pool.endpoints),
@@ -101,6 +125,11 @@ class EppApp:
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self.kube is not None:  # first: a leader releases its Lease, so that a standby takes over at once
+            try:
+                await self.kube.stop()
+            except Exception:
+                log.exception("stopping the Kubernetes watchers failed")
         for plugin in reversed(self._lifecycle):
             try:
                 await plugin.stop()

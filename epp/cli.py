@@ -58,7 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pool-name", help="InferencePool to serve (Kubernetes mode)")
     ap.add_argument("--pool-namespace", default=os.environ.get("NAMESPACE", "default"),
                     help="namespace of the InferencePool (default $NAMESPACE or 'default')")
-    ap.add_argument("--endpoint-selector", help="Kubernetes mode without CRDs: pod label selector k=v,k2=v2")
+    ap.add_argument("--pool-group", default="inference.networking.k8s.io",
+                    help="API group of the InferencePool: inference.networking.k8s.io (v1, default) or "
+                         "inference.networking.x-k8s.io (v1alpha2)")
+    ap.add_argument("--endpoint-selector",
+                    help="Kubernetes mode without CRDs: pod label selector k=v,k2=v2 (with --pool-name, that "
+                         "name only labels the pool and its leader-election Lease)")
+    ap.add_argument("--endpoint-target-ports", default="8000",
+                    help="with --endpoint-selector: the pods' serving ports, comma-separated, one endpoint each "
+                         "(default 8000)")
+    ap.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, the in-cluster service "
+                                         "account, or ~/.kube/config)")
+    ap.add_argument("--ha-enable-leader-election", action="store_true",
+                    help="active-passive HA: replicas elect a leader on a Lease and only the leader reports ready")
+    ap.add_argument("--leader-election-lease-duration", type=_duration, default=15.0,
+                    help="how long a Lease holds without renewal before another replica may take it (default 15s)")
+    ap.add_argument("--leader-election-renew-deadline", type=_duration, default=10.0,
+                    help="the leader steps down when it could not renew for this long (default 10s)")
+    ap.add_argument("--leader-election-retry-period", type=_duration, default=2.0,
+                    help="how often the Lease is renewed or tried (default 2s)")
     ap.add_argument("--endpoints",
                     help="static pool without Kubernetes: host:port entries separated by commas, each optionally "
                          "with labels, e.g. 10.0.0.1:8000,10.0.0.2:8000;llm-d.ai/role=decode")
@@ -84,13 +102,54 @@ def load_configuration(args: argparse.Namespace, handle: PluginHandle):
     return load_profile("default", handle)
 
 
-def make_pool(args: argparse.Namespace) -> Pool:
+def kube_options(args: argparse.Namespace):
+    """The Kubernetes mode's options from the flags (None for a static pool). Exits with what to do when the
+    flags contradict each other or no cluster configuration can be found."""
+    if not (args.pool_name or args.endpoint_selector):
+        return None
+    if args.endpoints:
+        raise SystemExit("epp: --endpoints (a static pool) cannot be combined with --pool-name or "
+                         "--endpoint-selector (Kubernetes): choose one")
+    from epp.kube.client import KubeConfigError, locate_config
+    from epp.kube.leader import LeaderElectionOptions, default_identity, lease_name
+    from epp.kube.objects import PoolSpec, parse_ports, parse_selector, pool_resource
+    from epp.kube.runtime import KubeOptions
+    from epp.kube.watchers import WatchOptions
+
+    try:
+        standalone = None
+        if args.endpoint_selector:
+            standalone = PoolSpec.of(parse_selector(args.endpoint_selector), parse_ports(args.endpoint_target_ports))
+        else:
+            pool_resource(args.pool_group)
+        locate_config(args.kubeconfig)
+        name = args.pool_name or "standalone"
+        watch = WatchOptions(namespace=args.pool_namespace, pool_name=name, pool_group=args.pool_group,
+                             standalone=standalone, watch_objectives=standalone is None)
+        election = None
+        if args.ha_enable_leader_election:
+            election = LeaderElectionOptions(
+                namespace=args.pool_namespace, lease_name=lease_name(args.pool_namespace, name),
+                identity=default_identity(), lease_duration_s=args.leader_election_lease_duration,
+                renew_deadline_s=args.leader_election_renew_deadline,
+                retry_period_s=args.leader_election_retry_period)
+    except KubeConfigError as exc:
+        raise SystemExit(f"epp: --pool-name/--endpoint-selector use the Kubernetes integration, which {exc}") \
+            from None
+    except ValueError as exc:
+        raise SystemExit(f"epp: {exc}") from None
+    return KubeOptions(watch=watch, kubeconfig=args.kubeconfig, leader_election=election)
+
+
+def make_pool(args: argparse.Namespace, kube=None) -> Pool:
+    """The pool: empty and named after the InferencePool in Kubernetes mode (`kube`, from kube_options; the
+    watchers fill it), else the static `--endpoints`."""
     from epp.datastore.static import parse_endpoints
 
-    if args.pool_name or args.endpoint_selector:
-        raise SystemExit(
-            "epp: --pool-name/--endpoint-selector need the Kubernetes integration, which this build does not "
-            "have yet. Use --endpoints host:port,... for a static pool.")
+    if kube is None:
+        kube = kube_options(args)
+    if kube is not None:
+        return Pool(name=kube.watch.pool_name, namespace=kube.watch.namespace)
     if not args.endpoints:
         raise SystemExit("epp: no pool given: pass --endpoints host:port,host:port (static pool) or "
                          "--pool-name (Kubernetes)")
@@ -143,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(describe(config))
         return 0
-    pool = make_pool(args)
+    kube = kube_options(args)
+    pool = make_pool(args, kube)
     try:
         config = load_configuration(args, PluginHandle(pool))
     except ConfigError as exc:
@@ -162,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"epp: {exc}", file=sys.stderr)
             return 1
     from epp.app import EppApp, ServeOptions
+    from epp.datastore.models import ModelPolicy
 
     options = ServeOptions(
         host=args.host, grpc_port=args.grpc_port, grpc_health_port=args.grpc_health_port,
@@ -176,17 +237,19 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(_serve(EppApp(config, pool, options)))
+    return asyncio.run(_serve(EppApp(config, pool, options, policy=ModelPolicy(objectives), kube=kube)))
 
 
 async def _serve(app) -> int:
+    from epp.kube.client import KubeConfigError
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await app.start()
-    except OSError as exc:
+    except (OSError, KubeConfigError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     await stop.wait()

@@ -13,6 +13,7 @@ import orjson
 
 from epp.config import EppConfig
 from epp.datastore.endpoint import Endpoint
+from epp.datastore.models import ModelPolicy, RequestPolicy
 from epp.datastore.pool import Pool
 from epp.errors import RequestError
 from epp.observability.metrics import PLUGIN_TIMING_SAMPLE, EppMetrics, ModelSeries
@@ -60,11 +61,15 @@ class Director:
         objectives: Mapping[str, int] | None = None,
         options: DirectorOptions = DirectorOptions(),
         rng: random.Random | None = None,
+        policy: RequestPolicy | None = None,
     ) -> None:
+        """`policy` sets each request's priority and target model (InferenceObjectives, InferenceModels);
+        without one, `objectives` (name -> priority) are looked up for the x-gateway-inference-objective
+        header."""
         self.config = config
         self.pool = pool
         self.metrics = metrics
-        self.objectives = objectives if objectives is not None else {}
+        self.policy: RequestPolicy = policy if policy is not None else ModelPolicy(objectives)
         self.options = options
         self.rng = rng or random.Random()
         self._timer = metrics.observe_plugin
@@ -99,8 +104,7 @@ class Director:
         """Parse, admit and schedule one request. Raises RequestError (400, 429, 503) for the client."""
         t0 = perf_counter()
         request = self.config.parser.parse_request(body, headers, request_id)
-        if request.objective is not None:
-            request.priority = self.objectives.get(request.objective, 0)
+        self.policy.apply(request, self.rng)
         candidates = self.candidates(subset)
         series = self.metrics.model_series(request.model, request.target_model)
         if not candidates:

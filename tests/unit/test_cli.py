@@ -35,7 +35,10 @@ def test_config_file_and_text_are_exclusive(capsys):
     (["--endpoint-selector", "app=vllm"], "Kubernetes integration"),
     (["--endpoints", "10.0.0.1"], "must be host:port"),
 ])
-def test_a_missing_or_wrong_pool_is_refused_with_what_to_do(argv, needle):
+def test_a_missing_or_wrong_pool_is_refused_with_what_to_do(argv, needle, monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config either
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert needle in str(exc.value)
