@@ -112,7 +112,7 @@ async def replay(url: str, pods: list[str], rate: float, duration: float, seed: 
                             first = time.perf_counter() - t0
                     share[r.headers.get("x-inference-pod", "?")] += 1
                     ttfts.append(first if first is not None else time.perf_counter() - t0)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 errors += 1
 
         tasks = []
@@ -150,7 +150,7 @@ def svg_cdf(series: dict[str, list[float]], path: Path) -> None:
         parts.append(f'<text x="{x:.0f}" y="{h - m + 16}" text-anchor="middle">{xmax * i / 5:.0f}</text>')
         y = h - m - (h - m - 20) * i / 5
         parts.append(f'<text x="{m - 6}" y="{y + 4:.0f}" text-anchor="end">{i / 5:.1f}</text>')
-    for (name, values), color in zip(series.items(), colors):
+    for (name, values), color in zip(series.items(), colors, strict=False):
         if not values:
             continue
         pts = " ".join(f"{m + (w - m - 20) * v / xmax:.1f},{h - m - (h - m - 20) * (j + 1) / len(values):.1f}"
