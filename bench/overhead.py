@@ -99,7 +99,7 @@ def scheduling_time(n_endpoints: int, bodies: list[bytes], iterations: int = 200
     from epp.extproc.session import ExtProcSession
     from epp.observability.metrics import EppMetrics
     from epp.scheduling.registry import PluginHandle, load_builtin_plugins
-    from tests.unit.extproc_helpers import CHAT_HEADERS, body_msg, headers_msg
+    from hack.extproc_messages import CHAT_HEADERS, body_msg, headers_msg
 
     load_builtin_plugins()
     pool = Pool()
