@@ -128,6 +128,11 @@ class Director:
                 p0 = perf_counter()
                 producer.prepare(request, candidates)
                 timer("PrepareData", producer, perf_counter() - p0)
+        for admitter in self.config.admitters:
+            reason = admitter.admit(request, candidates)
+            if reason is not None:
+                series.error("ResourceExhausted")
+                raise RequestError(429, reason)
         try:
             result = self.config.scheduler.schedule(request, candidates, timer)
         except SchedulingError as exc:

@@ -32,6 +32,7 @@ from epp.config.producers import DependencyCycle, order_producers
 from epp.config.spec import ConfigSpec, ProfileSpec, RefSpec, Where, parse_document, suggest
 from epp.scheduling import registry
 from epp.scheduling.interfaces import (
+    Admitter,
     DataProducer,
     Filter,
     MetricsExtractor,
@@ -60,6 +61,7 @@ EXTENSION_POINTS: tuple[tuple[str, type], ...] = (
     ("ResponseHeaderHook", ResponseHeaderHook),
     ("ResponseBodyHook", ResponseBodyHook),
     ("ResponseCompleteHook", ResponseCompleteHook),
+    ("Admitter", Admitter),
     ("SaturationDetector", SaturationDetector),
     ("Parser", Parser),
     ("MetricsSource", MetricsSource),
@@ -102,6 +104,7 @@ class EppConfig:
     parser: Parser
     data_sources: list[tuple[MetricsSource, list[MetricsExtractor]]]  # empty = no scraping
     feature_gates: frozenset[str]
+    admitters: list[Admitter] = dataclasses.field(default_factory=list)  # asked after the producers
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -560,4 +563,5 @@ class _Builder:
             parser=parser,
             data_sources=data_sources,
             feature_gates=self.spec.feature_gates,
+            admitters=[p for p in instances if isinstance(p, Admitter)],
         )

@@ -108,8 +108,20 @@ def continue_request_headers() -> ProcessingResponse:
     return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 
 
-def continue_response_headers() -> ProcessingResponse:
-    return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse()).SerializeToString()
+
+
+def continue_response_headers() -> Reply:
+    return _CONTINUE_RESPONSE_HEADERS
+
+
+def response_headers_reply(set_headers: dict[str, str]) -> Reply:
+    """The answer to the response headers: continue, setting `set_headers` on the client's response."""
+    if not set_headers:
+        return _CONTINUE_RESPONSE_HEADERS
+    mutation = pb.HeaderMutation(set_headers=[_set(k, v) for k, v in set_headers.items()])
+    return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
+        header_mutation=mutation)))
 
 
 def request_trailers() -> ProcessingResponse:

@@ -179,6 +179,7 @@ class ExtProcSession:
             if msg.response_headers.end_of_stream:
                 resp.end_of_stream = True
                 self.director.complete(routed)
+            return [p.response_headers_reply(resp.set_headers)]
         return [p.continue_response_headers()]
 
     def _response_body(self, msg: p.ProcessingRequest) -> list[p.Reply]:

@@ -104,6 +104,15 @@ class ResponseCompleteHook(Protocol):
 
 
 @runtime_checkable
+class Admitter(Protocol):
+    """Admission after the data producers ran and before scheduling: returns None to admit the request, or
+    the reason it is rejected with 429 (e.g. a sheddable request no endpoint can serve within its
+    objective). Every admitter is asked, in config order; the first reason wins."""
+
+    def admit(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> str | None: ...
+
+
+@runtime_checkable
 class SaturationDetector(Protocol):
     """Pool saturation: >= 1.0 means saturated (sheddable requests are rejected with 429)."""
 

@@ -57,6 +57,8 @@ class ResponseInfo:
     end_of_stream: bool = False
     aborted: bool = False  # the stream ended before the response completed (client or Envoy went away)
     parser_state: Any = None  # owned by the Parser plugin between chunks
+    # Headers a ResponseHeaderHook wants set on the response to the client (e.g. a session token).
+    set_headers: dict[str, str] = field(default_factory=dict)
 
 
 class SchedulingError(Exception):
