@@ -682,9 +682,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                     help="the sim pods' prefill throughput for uncached tokens (default 4000, about a 32B model "
                          "on one H100; the sim's own default, 15928, is an 8B model)")
     ap.add_argument("--time-scale", type=float, default=1.0, help="the sim engine's --time-scale (default 1)")
-    ap.add_argument("--epp-response-body", choices=("streamed", "none"), default="streamed",
-                    help="Envoy's ext_proc response_body_mode in front of the EPP: streamed (FULL_DUPLEX_STREAMED, "
-                         "as the reference deployment; default) or none (the EPP skips response bodies)")
+    ap.add_argument("--epp-response-body", choices=("streamed", "none"), default="none",
+                    help="Envoy's ext_proc response_body_mode in front of the EPP: none (the response body is not "
+                         "sent to the EPP, as manifests/envoy/envoy.yaml configures it, since no benchmarked "
+                         "profile reads it; default) or streamed (FULL_DUPLEX_STREAMED, as the reference "
+                         "deployment: every streamed chunk is an ext_proc message)")
+    ap.add_argument("--policy", action="append", default=[], metavar="NAME=CONFIG",
+                    help="an extra epp policy: NAME runs epp with the EndpointPickerConfig file CONFIG (repeatable; "
+                         "add NAME to --policies, or it is appended to them)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: groups and global, round-robin, precise and sglang, rates 4:8, 4 s stages")
@@ -695,6 +700,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if args.quick:
         workloads, policies = ["groups", "global"], ["round-robin", "precise", "sglang"]
         args.stage, args.warmup, args.rates = 4.0, 2.0, args.rates or "4:8"
+    for spec in args.policy:
+        name, sep, config = spec.partition("=")
+        if not sep or not name or not config:
+            raise SystemExit(f"--policy {spec!r}: write NAME=CONFIG, e.g. --policy default-ar=my-config.yaml")
+        if name in POLICIES:
+            raise SystemExit(f"--policy {name!r}: that name is a built-in policy; choose another")
+        POLICIES[name] = Policy(name, "epp", Path(config), f"epp with {config}")
+        if name not in policies:
+            policies.append(name)
     for w in workloads:
         if w not in WORKLOADS:
             raise SystemExit(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")

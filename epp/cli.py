@@ -185,6 +185,13 @@ def describe(config) -> str:
                      + ", ".join(e.name for e in extractors))
     if not config.data_sources:
         lines.append("metrics source: none (scraping disabled)")
+    readers = config.response_body_readers
+    if readers:
+        lines.append(f"response bodies: read by {', '.join(readers)}; the gateway's ext_proc filter must send them "
+                     "(response_body_mode FULL_DUPLEX_STREAMED)")
+    else:
+        lines.append("response bodies: no plugin reads them; response_body_mode NONE on the gateway's ext_proc "
+                     "filter saves most of the EPP's CPU (the token and TTFT metrics then stay empty)")
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ class Routed:
     tokens_estimate: int = 0
     done: bool = False
     series: ModelSeries | None = None  # the request's metric children (None for header-only requests)
+    remove_headers: tuple[str, ...] = ()  # client request headers that plugins own and did not set
 
     @property
     def endpoint(self) -> Endpoint:
@@ -76,6 +77,9 @@ class Director:
         self._timing_countdown = 0
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._scheduled_ok = metrics.scheduler_attempts.labels("success")
+        self.response_body_readers = config.response_body_readers
+        self._owned_headers = config.owned_request_headers
+        self._warned_no_response_body = False
 
     # ---------------------------------------------------------------- request path
 
@@ -152,6 +156,8 @@ class Director:
             rewritten["model"] = request.target_model
             body = orjson.dumps(rewritten)
         routed = Routed(request, endpoints, result, body, start)
+        if self._owned_headers:
+            routed.remove_headers = tuple(h for h in self._owned_headers if h in headers and h not in result.headers)
         routed.tokens_estimate = max(1, request.size_bytes // 4)
         ep = endpoints[0]
         ep.in_flight += 1
@@ -169,6 +175,15 @@ class Director:
         return routed
 
     # ---------------------------------------------------------------- response path
+
+    def gateway_sends_no_response_body(self) -> None:
+        """The gateway's filter is configured not to send response bodies (response_body_mode NONE). Fine
+        unless a plugin reads them: then say so once, loudly, since those plugins see no responses."""
+        if self.response_body_readers and not self._warned_no_response_body:
+            self._warned_no_response_body = True
+            log.warning("the gateway's ext_proc filter sends no response bodies (response_body_mode NONE), but "
+                        "plugins %s read them and will see none; set response_body_mode FULL_DUPLEX_STREAMED "
+                        "(and response_trailer_mode SEND) on the filter", ", ".join(self.response_body_readers))
 
     def response_headers(self, routed: Routed) -> None:
         for hook in self.config.response_header_hooks:

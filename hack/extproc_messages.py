@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import orjson
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
+Mode = processing_mode_pb2.ProcessingMode
+
 
 def headers_msg(headers: dict[str, str], end_of_stream: bool = False, subset: list[str] | None = None,
-                request_mode: int | None = None) -> pb.ProcessingRequest:
+                request_mode: int | None = None, response_mode: int | None = None) -> pb.ProcessingRequest:
     hm = pb.HttpHeaders(end_of_stream=end_of_stream)
     for k, v in headers.items():
         hm.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
@@ -21,6 +24,9 @@ def headers_msg(headers: dict[str, str], end_of_stream: bool = False, subset: li
     if request_mode is not None:
         msg.protocol_config.request_body_mode = request_mode
         msg.protocol_config.response_body_mode = request_mode
+    if response_mode is not None:
+        msg.protocol_config.request_body_mode = Mode.FULL_DUPLEX_STREAMED if request_mode is None else request_mode
+        msg.protocol_config.response_body_mode = response_mode
     return msg
 
 

@@ -3,7 +3,8 @@ which port served it. Run as a script: `python backend.py --listen 127.0.0.2:800
 
 - POST /v1/*: JSON `{"served_by": served_by, "model": ..., "body_len": n, "body_sha256": ...}` with headers
   `x-served-by` (host:port); `"stream": true` answers SSE (`x-events` events, usage in the last one); header
-  `x-echo: 1` answers the request body itself, byte for byte; `x-delay-ms` delays the answer.
+  `x-echo: 1` answers the request body itself, byte for byte; `x-delay-ms` delays the answer;
+  `x-event-delay-ms` spaces the SSE events.
 - GET /v1/models, GET /health, GET /metrics (vLLM metric names).
 - POST /admin/metrics `{"waiting": n, "running": n, "kv": f}` sets what /metrics reports for that port.
 """
@@ -40,7 +41,10 @@ def make_app(served_by: str) -> web.Application:
             resp = web.StreamResponse(headers={**headers, "content-type": "text/event-stream"})
             await resp.prepare(request)
             n = int(request.headers.get("x-events", "5"))
+            gap = int(request.headers.get("x-event-delay-ms", "0")) / 1000
             for i in range(n):
+                if gap and i:
+                    await asyncio.sleep(gap)
                 event = {"id": "x", "object": "text_completion", "model": model,
                          "choices": [{"index": 0, "text": f"token{i} ", "finish_reason": None}]}
                 await resp.write(b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")

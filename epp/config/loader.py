@@ -106,6 +106,24 @@ class EppConfig:
     feature_gates: frozenset[str]
     admitters: list[Admitter] = dataclasses.field(default_factory=list)  # asked after the producers
 
+    @property
+    def owned_request_headers(self) -> tuple[str, ...]:
+        """Request headers that plugins set (class attribute `owned_request_headers`, e.g. the P/D handler's
+        x-prefiller-host-port): a client's own copy is removed unless a plugin set it for this request."""
+        out: list[str] = []
+        for p in self.plugins.values():
+            for h in getattr(p, "owned_request_headers", ()):
+                if h not in out:
+                    out.append(h)
+        return tuple(out)
+
+    @property
+    def response_body_readers(self) -> list[str]:
+        """The plugins that read response bodies: the gateway's ext_proc filter must send the response body
+        (response_body_mode FULL_DUPLEX_STREAMED) for them to work. With none, it need not (NONE), which saves
+        most of the EPP's CPU on streamed responses."""
+        return [getattr(h, "name", type(h).__name__) for h in self.response_body_hooks]
+
 
 # --------------------------------------------------------------------------------------------------------
 # Entry points
@@ -549,6 +567,15 @@ class _Builder:
         detector = self._saturation_detector()
         self._create_required()  # for the plugins added by default
         self._bind()
+        check = getattr(handler, "check_profiles", None)
+        if callable(check):  # a handler that names profiles (e.g. P/D) checks them against the config's
+            try:
+                check(profiles)
+            except (ConfigError, ValueError) as exc:
+                name = self._name_of(handler)
+                where = self.origin.get(name)
+                message = f"plugin {name!r} (type {self.types.get(name, handler.type)!r}): {exc}"
+                raise (where.error(message) if where is not None else ConfigError(message)) from None
         instances = list(self.plugins.values())
         return EppConfig(
             source=self.spec.source,

@@ -74,29 +74,34 @@ def destination_metadata(destination: str) -> struct_pb2.Struct:
     return md
 
 
-def routing_headers(destination: str, extra: dict[str, str], content_length: int | None) -> pb.HeaderMutation:
+def routing_headers(destination: str, extra: dict[str, str], content_length: int | None,
+                    remove: tuple[str, ...] = ()) -> pb.HeaderMutation:
     sets = [_set(DESTINATION_HEADER, destination)]
     sets.extend(_set(k, v) for k, v in extra.items())
     if content_length is not None:
         sets.append(_set("content-length", str(content_length)))
-    return pb.HeaderMutation(set_headers=sets)
+    return pb.HeaderMutation(set_headers=sets, remove_headers=remove)
 
 
-def request_headers_routed(destination: str, extra: dict[str, str], content_length: int | None) -> ProcessingResponse:
-    """The (deferred) answer to the request headers: the destination header plus `envoy.lb` metadata."""
+def request_headers_routed(destination: str, extra: dict[str, str], content_length: int | None,
+                           remove: tuple[str, ...] = ()) -> ProcessingResponse:
+    """The (deferred) answer to the request headers: the destination header plus `envoy.lb` metadata; `remove`
+    lists client headers the EPP's plugins own and did not set (a client must not set them itself)."""
     return pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(
-                header_mutation=routing_headers(destination, extra, content_length), clear_route_cache=True
+                header_mutation=routing_headers(destination, extra, content_length, remove), clear_route_cache=True
             )
         ),
         dynamic_metadata=destination_metadata(destination),
     )
 
 
-def request_body_routed(destination: str, extra: dict[str, str], body: bytes | None) -> ProcessingResponse:
+def request_body_routed(destination: str, extra: dict[str, str], body: bytes | None,
+                        remove: tuple[str, ...] = ()) -> ProcessingResponse:
     """Buffered mode: the destination goes out with the body answer (headers are still held by Envoy)."""
-    common = pb.CommonResponse(header_mutation=routing_headers(destination, extra, len(body) if body is not None else None),
+    common = pb.CommonResponse(header_mutation=routing_headers(destination, extra,
+                                                               len(body) if body is not None else None, remove),
                                clear_route_cache=True)
     if body is not None:
         common.body_mutation.body = body

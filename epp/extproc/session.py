@@ -79,9 +79,17 @@ class ExtProcSession:
         return []  # an empty or unknown message: nothing to answer
 
     def close(self) -> None:
-        """The stream ended. Releases the request's state if its response did not complete."""
-        if self.routed is not None and not self.routed.done:
-            self.director.complete(self.routed, aborted=True)
+        """The stream ended. Releases the request's state if its response did not complete. When the gateway
+        sends no response body (response_body_mode NONE), Envoy keeps the stream open until the response ends,
+        so the end of the stream after the response headers is the response's end, not an abort."""
+        routed = self.routed
+        if routed is None or routed.done:
+            return
+        if self.response_mode == _Mode.NONE and routed.response.status:
+            routed.response.end_of_stream = True
+            self.director.complete(routed)
+        else:
+            self.director.complete(routed, aborted=True)
 
     # ------------------------------------------------------------------ request path
 
@@ -93,6 +101,8 @@ class ExtProcSession:
             cfg = msg.protocol_config
             self.request_mode = cfg.request_body_mode
             self.response_mode = cfg.response_body_mode
+            if self.response_mode == _Mode.NONE:
+                self.director.gateway_sends_no_response_body()
         self.headers = headers = p.header_map(msg.request_headers)
         self.request_id = request_id_of(headers)
         self.subset = p.subset_hint(msg)
@@ -142,12 +152,14 @@ class ExtProcSession:
             self._model_swap = [(pat % target, pat % model) for pat in _REWRITE_PATTERNS]
         destination = ",".join(e.hostport for e in routed.endpoints)
         extra = routed.result.headers if routed.result is not None else {}
+        remove = routed.remove_headers
         rewritten = routed.body is not body
         if self.request_mode in BUFFERED_MODES:
-            out = [p.request_body_routed(destination, extra, routed.body if rewritten else None)]
+            out = [p.request_body_routed(destination, extra, routed.body if rewritten else None, remove)]
         else:
-            if extra or rewritten:
-                out = [p.request_headers_routed(destination, extra, len(routed.body) if rewritten else None)]
+            if extra or rewritten or remove:
+                out = [p.request_headers_routed(destination, extra, len(routed.body) if rewritten else None,
+                                                remove)]
             else:
                 out = [self.replies.request_headers_routed(destination)]
             out.extend(p.streamed_chunks(routed.body, end_of_stream, response=False))

@@ -233,3 +233,55 @@ def test_cached_routing_answer_equals_a_fresh_one():
     cache = ReplyCache(limit=2)
     for dest in ("10.0.0.1:8000", "10.0.0.1:8000,10.0.0.2:8000", "10.0.0.3:8000"):
         assert cache.request_headers_routed(dest) == request_headers_routed(dest, {}, None).SerializeToString()
+
+
+# ---------------------------------------------------------------- gateways that send no response body
+
+
+def test_without_response_bodies_the_end_of_the_stream_completes_the_request():
+    s, d = session()
+    s.handle(headers_msg(CHAT_HEADERS, response_mode=Mode.NONE))
+    s.handle(body_msg(chat_body(), True))
+    routed = s.routed
+    s.handle(response_headers_msg())
+    assert routed.endpoint.in_flight == 1 and not routed.done  # the response is still being written
+    s.close()
+    assert routed.done and not routed.response.aborted and routed.endpoint.in_flight == 0
+
+
+def test_without_response_bodies_a_stream_closed_before_the_response_headers_is_an_abort():
+    s, d = session()
+    s.handle(headers_msg(CHAT_HEADERS, response_mode=Mode.NONE))
+    s.handle(body_msg(chat_body(), True))
+    s.close()
+    assert s.routed.response.aborted and all(e.in_flight == 0 for e in d.pool.endpoints)
+
+
+def test_a_plugin_that_reads_response_bodies_is_warned_about_once_when_the_gateway_sends_none(caplog):
+    d = make_director()
+    d.response_body_readers = ["usage-reader"]  # as if a plugin implemented ResponseBodyHook
+    for _ in range(3):
+        s = DecodedSession(d, max_body_bytes=1 << 20)
+        s.handle(headers_msg(CHAT_HEADERS, response_mode=Mode.NONE))
+    warnings = [r for r in caplog.records if "usage-reader" in r.getMessage()]
+    assert len(warnings) == 1 and "FULL_DUPLEX_STREAMED" in warnings[0].getMessage()
+
+
+def test_no_warning_when_no_plugin_reads_response_bodies(caplog):
+    s, d = session()
+    s.handle(headers_msg(CHAT_HEADERS, response_mode=Mode.NONE))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_headers_a_response_hook_sets_go_out_on_the_response_headers_answer():
+    s, d = session()
+    s.handle(headers_msg(CHAT_HEADERS))
+    s.handle(body_msg(chat_body(), True))
+    s.routed.response.set_headers["x-session-token"] = "abc"
+    # A response-headers hook fills set_headers while the response headers are handled.
+    d.config.response_header_hooks.append(type("Hook", (), {
+        "response_headers": lambda self, req, resp, ep: resp.set_headers.update({"x-served": ep.hostport})})())
+    out = s.handle(response_headers_msg())
+    sets = {h.header.key: h.header.raw_value.decode()
+            for h in out[0].response_headers.response.header_mutation.set_headers}
+    assert sets == {"x-session-token": "abc", "x-served": s.routed.endpoint.hostport}

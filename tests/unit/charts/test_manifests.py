@@ -114,7 +114,16 @@ def test_the_envoy_config_follows_the_endpoint_picker_protocol():
         "typed_config"
     ]
     mode = ext_proc["processing_mode"]
-    assert mode["request_body_mode"] == mode["response_body_mode"] == "FULL_DUPLEX_STREAMED"
+    # The EPP routes on the streamed request body; the response body is not sent, since the default
+    # profile's plugins read none (checked below) and each streamed chunk would be an ext_proc round trip.
+    assert mode["request_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert mode["response_body_mode"] == "NONE"
+    from epp.config import load_profile
+    from epp.datastore.pool import Pool
+    from epp.scheduling.registry import PluginHandle, load_builtin_plugins
+
+    load_builtin_plugins()
+    assert load_profile("default", PluginHandle(Pool())).response_body_readers == []
     assert ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "ext_proc"
     assert (
         "http2_protocol_options"
