@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # torch: the CPU build (a plain `pip install torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv tools test test-unit test-integration demo lint lint-charts bench bench-overhead clean
+.PHONY: venv tools test test-unit test-integration demo lint lint-charts bench bench-overhead bench-pd bench-slo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ bench: venv $(VENV)/.bench-installed
 
 bench-overhead: venv
 	$(PY) -m bench.overhead
+
+# Disaggregated prefill/decode vs aggregated serving on a prefill-heavy workload (bench/pd.py).
+bench-pd: venv
+	$(PY) -m bench.pd
+
+# SLO attainment of the slo profile vs the default profile, and the latency predictor's error (bench/slo.py).
+bench-slo: venv
+	$(PY) -m bench.slo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,7 +11,12 @@ Routes:
 
 Every response, errors and streams included, carries `x-inference-pod` and `x-inference-port` (and
 `x-inference-namespace` when POD_NAMESPACE is set), as llm-d's simulator does. Errors are OpenAI-shaped
-JSON: 400 for a bad body or an unknown model, 404 for an unknown path, 405 for a wrong method.
+JSON: 400 for a bad body or an unknown model, 404 for an unknown path, 405 for a wrong method, 502 when the
+decode sidecar's prefiller fails.
+
+Disaggregated prefill/decode (pd.py): `kv_transfer_params` in a generation request makes it a prefill leg
+(`do_remote_decode`) or a decode leg (`do_remote_prefill`); with the sidecar on, a request carrying
+`x-prefiller-host-port` is first prefilled on that pod.
 """
 
 from __future__ import annotations
@@ -48,6 +53,18 @@ from .openai_protocol import (
     usage,
     usage_chunk,
 )
+from .pd import (
+    PREFILLER_HEADER,
+    KVTransferParams,
+    PrefillClient,
+    PrefillResult,
+    check_leg,
+    forwarded_headers,
+    log_decode_leg,
+    log_prefill_leg,
+    parse_kv_transfer_params,
+    prefill_response_params,
+)
 from .request import EngineRequest, SamplingParams
 from .scheduler import RequestRejected
 from .tokenizer import Tokenizer
@@ -73,6 +90,14 @@ class ServerState:
     namespace: str | None = None
     clock: Any = time.monotonic
     created: int = field(default_factory=lambda: int(time.time()))
+    # Disaggregated prefill/decode (pd.py): the pod's llm-d role (informational), the decode sidecar's client
+    # (None: the sidecar is off), and what a prefill leg's kv_transfer_params name as this engine.
+    role: str = "both"
+    sidecar: PrefillClient | None = None
+    engine_id: str = ""
+    advertised_host: str = ""
+    accepts_remote_kv: bool = True
+    warned_no_sidecar: bool = False
 
     def model_context(self) -> ModelContext:
         return ModelContext(
@@ -147,23 +172,25 @@ class _Choice:
         return self.handle.request.num_cached_tokens or 0
 
 
-def _request_id(request: web.Request, prefix: str) -> str:
-    given = request.headers.get("x-request-id")
+def _request_id(given: str | None, prefix: str) -> str:
     suffix = uuid.uuid4().hex
     return f"{prefix}-{given}-{suffix[:8]}" if given else f"{prefix}-{suffix}"
 
 
-def _submit(state: ServerState, parsed: ParsedRequest, rid: str) -> list[_Choice]:
+def _submit(state: ServerState, parsed: ParsedRequest, rid: str,
+            transfer: KVTransferParams | None = None) -> list[_Choice]:
     choices = []
+    prefill_leg = transfer is not None and transfer.do_remote_decode
     try:
         for i, prompt in enumerate(parsed.prompts):
             params = SamplingParams(
-                max_tokens=parsed.max_tokens, min_tokens=parsed.min_tokens, ignore_eos=parsed.ignore_eos,
-                stop_token_ids=parsed.stop_token_ids, seed=parsed.seed,
+                max_tokens=1 if prefill_leg else parsed.max_tokens, min_tokens=0 if prefill_leg else parsed.min_tokens,
+                ignore_eos=parsed.ignore_eos, stop_token_ids=parsed.stop_token_ids, seed=parsed.seed,
             )
             req = EngineRequest(
                 request_id=f"{rid}-{i}", prompt_token_ids=prompt, params=params, arrival_time=state.clock(),
                 lora=parsed.lora, cache_salt=parsed.cache_salt,
+                remote_decode=prefill_leg, remote_prefill=transfer is not None and transfer.do_remote_prefill,
             )
             handle = state.engine.submit(req)
             choices.append(_Choice(i, handle, IncrementalDetokenizer(state.tokenizer, parsed.stop)))
@@ -238,10 +265,33 @@ def _sse(data: Any) -> bytes:
 
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE_KEY]
-    parsed = parse_request(kind, await _body(request), state.model_context())
-    rid = _request_id(request, "cmpl" if kind == "completion" else "chatcmpl")
+    body = await _body(request)
+    parsed = parse_request(kind, body, state.model_context())
+    transfer = parse_kv_transfer_params(body.get("kv_transfer_params"))
+    given = request.headers.get("x-request-id")
+    prefiller = request.headers.get(PREFILLER_HEADER)
+    prefill: PrefillResult | None = None
+    if transfer is not None and transfer.leg is None:
+        transfer = None
+    if prefiller is not None and transfer is None:
+        if state.sidecar is None:
+            if not state.warned_no_sidecar:
+                state.warned_no_sidecar = True
+                log.warning("ignoring %s (%s): the decode sidecar is off (--role %s); serving such requests "
+                            "locally. Start with --pd-sidecar to prefill them there.", PREFILLER_HEADER, prefiller,
+                            state.role)
+        else:
+            check_leg(parsed, KVTransferParams(do_remote_prefill=True), accepts_remote_kv=state.accepts_remote_kv)
+            given = given or uuid.uuid4().hex
+            prefill = await state.sidecar.prefill(prefiller.strip(), request.path_qs, body,
+                                                  forwarded_headers(request.headers, given))
+            transfer = prefill.params
+    if transfer is not None:
+        check_leg(parsed, transfer, accepts_remote_kv=state.accepts_remote_kv)
+    rid = _request_id(given, "cmpl" if kind == "completion" else "chatcmpl")
     created = int(time.time())
-    choices = _submit(state, parsed, rid)
+    started = state.clock()
+    choices = _submit(state, parsed, rid, transfer)
     try:
         if parsed.stream:
             return await _stream(request, state, parsed, choices, rid, created)
@@ -250,12 +300,47 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         use = _usage(choices)
         results = [ChoiceResult(c.index, c.detok.text, c.finish_reason, c.stop_reason) for c in choices]
         if kind == "completion":
-            return _json(completion_response(rid, parsed.model, results, use, created))
-        return _json(chat_response(rid, parsed.model, results[0], use, created))
+            data = completion_response(rid, parsed.model, results, use, created)
+        else:
+            data = chat_response(rid, parsed.model, results[0], use, created)
+        if transfer is not None:
+            data["kv_transfer_params"] = _response_transfer_params(state, transfer, choices[0])
+        return _json(data)
     finally:
         for c in choices:
             if not c.handle.request.finished:
                 state.engine.abort(c.handle.request)
+        if transfer is not None:
+            _leg_done(state, transfer, choices[0], given or rid, prefiller, prefill, state.clock() - started)
+
+
+def _response_transfer_params(state: ServerState, transfer: KVTransferParams,
+                              choice: _Choice) -> dict[str, Any] | None:
+    """A prefill leg answers with what a decoder needs to fetch its KV; a decode leg with null (as vLLM)."""
+    if not transfer.do_remote_decode:
+        return None
+    return prefill_response_params(list(choice.handle.request.transfer_block_ids or []),
+                                   engine_id=state.engine_id, host=state.advertised_host, port=state.port)
+
+
+def _leg_done(state: ServerState, transfer: KVTransferParams, choice: _Choice, request_id: str,
+              prefiller: str | None, prefill: PrefillResult | None, seconds: float) -> None:
+    """Counts the leg and logs its line (pd.py)."""
+    req = choice.handle.request
+    leg = transfer.leg
+    if leg is None:
+        return
+    state.metrics.on_pd_leg(leg)
+    reason = choice.finish_reason or req.finish_reason or "abort"
+    if leg == "prefill":
+        log_prefill_leg(request_id, prompt_tokens=req.num_prompt_tokens, cached_tokens=req.num_cached_tokens or 0,
+                        blocks=len(req.transfer_block_ids or []), seconds=seconds, finish_reason=reason)
+    else:
+        log_decode_leg(request_id, prefiller=prefiller.strip() if prefill and prefiller else None, prefill=prefill,
+                       prompt_tokens=req.num_prompt_tokens, local_cached_tokens=req.num_local_cached_tokens,
+                       transfer_tokens=req.num_transferred_tokens,
+                       transfer_s=state.engine.transfer_seconds(req.num_transferred_tokens),
+                       completion_tokens=choice.completion_tokens, seconds=seconds, finish_reason=reason)
 
 
 async def _stream(request: web.Request, state: ServerState, parsed: ParsedRequest, choices: list[_Choice],
@@ -320,7 +405,8 @@ async def models(request: web.Request) -> web.Response:
          "parent": a.base_model_name or state.served_model_names[0], "max_model_len": state.max_model_len}
         for a in state.loras
     ]
-    return _json({"object": "list", "data": data})
+    # Our addition: the pod's llm-d role and whether the decode sidecar is on (clients ignore unknown keys).
+    return _json({"object": "list", "data": data, "role": state.role, "pd_sidecar": state.sidecar is not None})
 
 
 async def health(request: web.Request) -> web.Response:

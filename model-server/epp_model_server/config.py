@@ -21,6 +21,13 @@ SIM_DEFAULT_NUM_GPU_BLOCKS = 25_000
 # The torch engine's default cache: 16k tokens (128 MiB of K/V at the default model sizes).
 TORCH_DEFAULT_NUM_GPU_BLOCKS = 1024
 
+# llm-d's pod roles (label llm-d.ai/role); prefill-decode is the same as both.
+ROLES = ("both", "prefill", "decode", "prefill-decode")
+# KV transfer time per token of a decode leg: one token of the sim's model (8B) holds 128 KiB of K/V
+# (32 layers x 8 KV heads x 128 dims x K,V x 2 bytes); NIXL over one 200 Gb/s RDMA link moves ~25 GB/s,
+# so 131072 B / 25e9 B/s = 5.2 us per token: an 8k-token prompt in ~43 ms, where prefilling it takes ~520 ms.
+DEFAULT_KV_TRANSFER_MS_PER_TOKEN = 0.005
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -65,6 +72,14 @@ class ServerConfig:
     intermediate_size: int = 512
     torch_threads: int | None = None
     log_level: str = "info"
+    # disaggregated prefill/decode (pd.py)
+    role: str = "both"
+    pd_sidecar: bool | None = None  # None: on when role is decode
+    kv_transfer_ms_per_token: float = DEFAULT_KV_TRANSFER_MS_PER_TOKEN
+    kv_transfer_latency_ms: float = 0.0
+    prefill_max_retries: int = 3
+    prefill_retry_backoff_ms: float = 50.0
+    prefill_timeout_s: float = 300.0
 
     @property
     def served_names(self) -> list[str]:
@@ -75,6 +90,11 @@ class ServerConfig:
         if self.num_gpu_blocks is not None:
             return self.num_gpu_blocks
         return SIM_DEFAULT_NUM_GPU_BLOCKS if self.engine == "sim" else TORCH_DEFAULT_NUM_GPU_BLOCKS
+
+    @property
+    def sidecar_enabled(self) -> bool:
+        """Whether a request with x-prefiller-host-port is first prefilled there (llm-d's decode sidecar)."""
+        return self.pd_sidecar if self.pd_sidecar is not None else self.role == "decode"
 
     @property
     def lora_enabled(self) -> bool:
@@ -93,6 +113,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
 
 
@@ -193,6 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill throughput for uncached prompt tokens")
     g.add_argument("--decode-ms-per-seq", type=_non_negative_float, default=0.1,
                    help="time each decoding sequence adds to a step")
+
+    g = p.add_argument_group("disaggregated prefill/decode (llm-d's P/D; see the README)")
+    g.add_argument("--role", choices=ROLES, default="both",
+                   help="this pod's llm-d.ai/role; informational (reported in /v1/models and the ready line) "
+                        "except that decode turns the sidecar on; the EPP reads the pod label, not this flag")
+    g.add_argument("--pd-sidecar", action=argparse.BooleanOptionalAction, default=None,
+                   help="act as llm-d's decode sidecar: a request with x-prefiller-host-port is first prefilled "
+                        "there, then decoded here with the KV it sent (default: on for --role decode)")
+    g.add_argument("--kv-transfer-time-per-token", "--kv-cache-transfer-time-per-token",
+                   dest="kv_transfer_ms_per_token", type=_non_negative_float,
+                   default=DEFAULT_KV_TRANSFER_MS_PER_TOKEN,
+                   help="ms a decode leg spends receiving one prompt token's KV (NIXL, 128 KiB/token at 25 GB/s)")
+    g.add_argument("--kv-transfer-latency", "--kv-cache-transfer-latency", dest="kv_transfer_latency_ms",
+                   type=_non_negative_float, default=0.0, help="fixed ms added to every KV transfer")
+    g.add_argument("--prefill-max-retries", type=_non_negative_int, default=3,
+                   help="sidecar: retries of a prefill call answered 502/503/504 or failing to connect")
+    g.add_argument("--prefill-retry-backoff-ms", type=_non_negative_float, default=50.0,
+                   help="sidecar: wait before the first retry, doubled for each next one")
+    g.add_argument("--prefill-timeout", dest="prefill_timeout_s", type=_positive_float, default=300.0,
+                   help="sidecar: seconds a prefill call may take before the request fails with 502")
 
     g = p.add_argument_group("torch model")
     g.add_argument("--hidden-size", type=_positive_int, default=256)

@@ -6,6 +6,13 @@ sleeps for the cost model's time; torch computes in a worker thread), update (ap
 full blocks, finish requests), publish the step's KV events as one batch, and deliver new tokens to the
 waiting HTTP handlers. Everything but the torch computation runs on the event loop thread, so engine
 state needs no locks.
+
+KV transfers of decode legs (pd.py): a decode leg admitted by the scheduler starts receiving its prompt's
+KV; the engine gives the transfer `kv_transfer_latency_s + tokens * kv_transfer_s_per_token` (divided by
+the time scale) of wall time, during which the engine keeps stepping other requests. Arrived transfers
+are handed back to the scheduler before each schedule, so, as with vLLM's connectors, a transfer that
+ends during a step is noticed at the next one. An engine with nothing to run but transfers sleeps until
+the first one ends (or a new request arrives).
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class Engine:
         publish: Callable[[list[KVEvent]], None] | None = None,
         lora_load_s: float = 0.0,
         time_scale: float = 1.0,
+        kv_transfer_s_per_token: float = 0.0,
+        kv_transfer_latency_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -86,6 +95,8 @@ class Engine:
         self._publish = publish
         self._lora_load_s = lora_load_s
         self._time_scale = time_scale
+        self.kv_transfer_s_per_token = kv_transfer_s_per_token
+        self.kv_transfer_latency_s = kv_transfer_latency_s
         self._clock = clock
         self._sleep = sleep
         self._handles: dict[str, RequestHandle] = {}
@@ -138,7 +149,7 @@ class Engine:
         s = self.scheduler
         return EngineGauges(
             num_running=len(s.running),
-            num_waiting=len(s.waiting),
+            num_waiting=s.num_waiting,
             kv_cache_usage=s.block_manager.usage(),
             prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits,
@@ -157,6 +168,40 @@ class Engine:
             except Exception:  # a publisher failure must not stop serving
                 log.exception("publishing %d KV events failed", len(events))
 
+    def transfer_seconds(self, num_tokens: int) -> float:
+        """Wall time of receiving `num_tokens` tokens' KV from a prefiller."""
+        return (self.kv_transfer_latency_s + num_tokens * self.kv_transfer_s_per_token) / self._time_scale
+
+    def _receive_transfers(self, now: float) -> None:
+        arrived = [r for r in self.scheduler.loading if r.kv_ready_time is not None and r.kv_ready_time <= now]
+        if not arrived:
+            return
+        arrived.sort(key=lambda r: r.kv_ready_time)
+        self.scheduler.finish_transfers(arrived)
+        if self.metrics is not None:
+            for req in arrived:
+                self.metrics.on_kv_transfer(req.num_transferred_tokens,
+                                            self.transfer_seconds(req.num_transferred_tokens))
+
+    async def _idle(self) -> None:
+        """Waits for a new request, or for the first transfer in flight to end."""
+        self._wake.clear()
+        ready = [r.kv_ready_time for r in self.scheduler.loading if r.kv_ready_time is not None]
+        if not ready:
+            await self._wake.wait()
+            return
+        delay = min(ready) - self._clock()
+        if delay <= 0:
+            return
+        waiter = asyncio.ensure_future(self._wake.wait())
+        sleeper = asyncio.ensure_future(self._sleep(delay))
+        try:
+            await asyncio.wait((waiter, sleeper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiter, sleeper):
+                if not task.done():
+                    task.cancel()
+
     async def _run(self) -> None:
         sched = self.scheduler
         while True:
@@ -165,14 +210,16 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            self._receive_transfers(self._clock())
             out = sched.schedule()
             now = self._clock()
+            for req in out.transfers:
+                req.kv_ready_time = now + self.transfer_seconds(req.num_transferred_tokens)
             for req in out.aborted:
                 self._finished(req, now)
             if not out:
                 self._flush_events()
-                self._wake.clear()
-                await self._wake.wait()
+                await self._idle()
                 continue
             for s in out.scheduled:
                 if s.request.first_scheduled_time is None:

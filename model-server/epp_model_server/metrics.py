@@ -5,6 +5,13 @@ formatted lines, and a histogram re-renders its ~25 lines only when it observed 
 scrape. Every series carries vLLM's labels `model_name` (the first served model name) and `engine` ("0",
 the engine index). Names follow vLLM V1 (`vllm/v1/metrics/loggers.py`): counters end in `_total`, TTFT /
 ITL / e2e histograms use vLLM's buckets.
+
+Disaggregated prefill/decode adds our own counters next to vLLM's (vLLM has no equivalent names), with the
+same labels: `epp_model_server_pd_prefill_legs_total` and `epp_model_server_pd_decode_legs_total` (legs
+served here), `epp_model_server_kv_transfer_tokens_total` and `epp_model_server_kv_transfer_seconds_total`
+(KV received from prefillers, and the modelled time it took), and, for the decode sidecar's calls to
+prefillers, `epp_model_server_pd_prefill_calls_total{outcome="ok"|"error"}` and
+`epp_model_server_pd_prefill_retries_total`.
 """
 
 from __future__ import annotations
@@ -134,6 +141,12 @@ class ServerMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.success = dict.fromkeys(FINISH_REASONS, 0)
+        self.pd_prefill_legs = 0
+        self.pd_decode_legs = 0
+        self.kv_transfer_tokens = 0
+        self.kv_transfer_seconds = 0.0
+        self.pd_prefill_calls = {"ok": 0, "error": 0}
+        self.pd_prefill_retries = 0
         lb = self._labels
         tb = token_buckets(max_model_len)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
@@ -173,6 +186,25 @@ class ServerMetrics:
         if itl is not None:
             self.itl.observe(itl)
             self.tpot.observe(itl)
+
+    def on_kv_transfer(self, tokens: int, seconds: float) -> None:
+        """A decode leg's KV arrived from its prefiller."""
+        self.kv_transfer_tokens += tokens
+        self.kv_transfer_seconds += seconds
+
+    def on_pd_leg(self, leg: str) -> None:
+        """A prefill ("prefill") or decode ("decode") leg finished here."""
+        if leg == "prefill":
+            self.pd_prefill_legs += 1
+        elif leg == "decode":
+            self.pd_decode_legs += 1
+        else:
+            raise ValueError(f"unknown P/D leg {leg!r}")
+
+    def on_prefill_call(self, ok: bool, retries: int) -> None:
+        """The sidecar's call to a prefiller ended (after `retries` retries)."""
+        self.pd_prefill_calls["ok" if ok else "error"] += 1
+        self.pd_prefill_retries += retries
 
     def on_finished(
         self,
@@ -236,6 +268,23 @@ class ServerMetrics:
                          [(lb, self.generation_tokens)]),
             counter_text("vllm:request_success_total", "Count of successfully processed requests.",
                          [(f'{lb},finished_reason="{r}"', n) for r, n in self.success.items()]),
+            counter_text("epp_model_server_pd_prefill_legs_total",
+                         "Prefill legs (requests with kv_transfer_params.do_remote_decode) served here.",
+                         [(lb, self.pd_prefill_legs)]),
+            counter_text("epp_model_server_pd_decode_legs_total",
+                         "Decode legs (requests with kv_transfer_params.do_remote_prefill) served here.",
+                         [(lb, self.pd_decode_legs)]),
+            counter_text("epp_model_server_kv_transfer_tokens_total",
+                         "Prompt tokens whose KV was received from a prefiller instead of computed.",
+                         [(lb, self.kv_transfer_tokens)]),
+            counter_text("epp_model_server_kv_transfer_seconds_total",
+                         "Modelled time spent receiving KV from prefillers.", [(lb, self.kv_transfer_seconds)]),
+            counter_text("epp_model_server_pd_prefill_calls_total",
+                         "Calls of the decode sidecar to a prefiller (x-prefiller-host-port), by outcome.",
+                         [(f'{lb},outcome="{k}"', n) for k, n in self.pd_prefill_calls.items()]),
+            counter_text("epp_model_server_pd_prefill_retries_total",
+                         "Retries of the decode sidecar's calls to prefillers (502/503/504 or no connection).",
+                         [(lb, self.pd_prefill_retries)]),
         ]
         parts.extend(h.render() for h in self._histograms)
         return "".join(parts)

@@ -18,7 +18,8 @@ from .lora import LoRAAdapter
 from .tokenizer import Tokenizer
 
 _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed", 409: "ConflictError",
-                413: "BadRequestError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+                413: "BadRequestError", 429: "RateLimitError", 500: "InternalServerError", 502: "BadGatewayError",
+                503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
 
 class APIError(Exception):
     """A request error: HTTP status, message, and the offending parameter.

@@ -10,6 +10,9 @@ from .lora import LoRAAdapter
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    # A decode leg receiving its prompt's KV from a prefiller (vLLM's WAITING_FOR_REMOTE_KVS): it holds its
+    # blocks, computes nothing, and joins the waiting queue again once the transfer is done.
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -55,6 +58,20 @@ class EngineRequest:
     last_token_time: float | None = None
     # Opaque per-request state of the executor (e.g. the sim's output seed).
     executor_state: object = None
+
+    # Disaggregated prefill/decode (see pd.py). remote_decode: the prefill leg (vLLM's do_remote_decode):
+    # its blocks are handed to a decoder, so their ids are kept in transfer_block_ids when it finishes.
+    # remote_prefill: the decode leg (do_remote_prefill): the prompt's KV beyond the local prefix-cache hit
+    # arrives from the prefiller instead of being computed here.
+    remote_decode: bool = False
+    remote_prefill: bool = False
+    transfer_block_ids: list[int] | None = None
+    # Decode leg: prompt tokens found in the local prefix cache, tokens received, and when they arrive.
+    num_local_cached_tokens: int | None = None
+    num_transferred_tokens: int = 0
+    kv_ready_time: float | None = None
+    # The transfer is done and the blocks are still held: the next admission resumes at the last prompt token.
+    kv_received: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:

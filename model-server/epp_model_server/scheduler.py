@@ -16,6 +16,18 @@ Each engine step:
 
 Prefix-cache statistics follow vLLM: every admission adds the request's token count to `queries` and
 its cache hit (in tokens) to `hits`.
+
+Disaggregated prefill/decode (pd.py), as vLLM's KV connectors do it:
+- A prefill leg (`remote_decode`) is an ordinary request; when it finishes, the ids of its blocks are kept
+  in `transfer_block_ids` for the response's `kv_transfer_params`. Its blocks are cached as usual.
+- A decode leg (`remote_prefill`) receives its prompt's KV instead of computing it. At its first admission
+  it looks up the local prefix cache (counted in the statistics like any admission), allocates blocks for
+  the whole prompt and moves to `loading` (vLLM's WAITING_FOR_REMOTE_KVS) without using the step's token
+  budget or a sequence slot: the prompt tokens beyond the local hit are in transfer. The engine calls
+  `finish_transfers` when they have arrived: the prompt's full blocks are registered in the prefix cache
+  (BlockStored), all prompt tokens but the last count as computed, and the request waits again at the
+  head of the queue; its next admission computes only the last prompt token, which samples the first
+  output token. A decode leg preempted later recomputes locally, as vLLM does.
 """
 
 from __future__ import annotations
@@ -66,6 +78,8 @@ class SchedulerOutput:
     preempted: list[EngineRequest] = field(default_factory=list)
     # Running requests aborted since the last step, finished by this schedule() call.
     aborted: list[EngineRequest] = field(default_factory=list)
+    # Decode legs whose KV transfer starts now (they moved to Scheduler.loading).
+    transfers: list[EngineRequest] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -102,6 +116,8 @@ class Scheduler:
         self.eos_token_id = eos_token_id
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
+        # Decode legs whose KV is in transfer from a prefiller (they hold blocks, compute nothing).
+        self.loading: list[EngineRequest] = []
         self._hash_fn = hash_function(config.hash_algo)
         self._root_hash = none_hash(self._hash_fn, config.hash_seed)
         self.prefix_cache_queries = 0
@@ -148,6 +164,10 @@ class Scheduler:
                 pass
             self._finish(request, "abort")
             return True
+        if request.status is RequestStatus.WAITING_FOR_REMOTE_KV:
+            self.loading.remove(request)
+            self._finish(request, "abort")
+            return True
         return False
 
     def fail(self, request: EngineRequest) -> None:
@@ -158,7 +178,12 @@ class Scheduler:
             self._finish(request, "error")
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not running: queued ones and decode legs receiving KV (vLLM counts both as waiting)."""
+        return len(self.waiting) + len(self.loading)
 
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset()
@@ -219,21 +244,40 @@ class Scheduler:
             if req.lora and not self.loras.can_load(req.lora.name, busy):
                 skipped.append(req)
                 continue
-            hits = bm.lookup(req.block_hashes, (req.num_tokens - 1) // cfg.block_size)
-            computed = len(hits) * cfg.block_size
-            n = min(req.num_tokens - computed, budget)
-            new = bm.allocate(bm.blocks_needed(computed + n) - len(hits), hits)
-            if new is None:
-                self.waiting.appendleft(req)
-                break
-            req.block_ids = hits + new
-            req.num_computed_tokens = computed
-            req.num_cached_blocks = len(hits)
-            if req.num_cached_tokens is None:
-                req.num_cached_tokens = computed
-            if cfg.enable_prefix_caching:
-                self.prefix_cache_queries += req.num_tokens
-                self.prefix_cache_hits += computed
+            if req.kv_received:
+                # A decode leg whose KV arrived: it holds its prompt's blocks; only the last token is left.
+                computed = req.num_computed_tokens
+                n = min(req.num_tokens - computed, budget)
+                new = bm.allocate(bm.blocks_needed(computed + n) - len(req.block_ids))
+                if new is None:
+                    self.waiting.appendleft(req)
+                    break
+                req.block_ids.extend(new)
+                req.kv_received = False
+                if req.num_cached_tokens is None:
+                    req.num_cached_tokens = computed
+            else:
+                hits = bm.lookup(req.block_hashes, (req.num_tokens - 1) // cfg.block_size)
+                computed = len(hits) * cfg.block_size
+                if req.remote_prefill and req.num_local_cached_tokens is None:
+                    if not self._start_transfer(req, hits):
+                        self.waiting.appendleft(req)
+                        break
+                    out.transfers.append(req)
+                    continue
+                n = min(req.num_tokens - computed, budget)
+                new = bm.allocate(bm.blocks_needed(computed + n) - len(hits), hits)
+                if new is None:
+                    self.waiting.appendleft(req)
+                    break
+                req.block_ids = hits + new
+                req.num_computed_tokens = computed
+                req.num_cached_blocks = len(hits)
+                if req.num_cached_tokens is None:
+                    req.num_cached_tokens = computed
+                if cfg.enable_prefix_caching:
+                    self.prefix_cache_queries += req.num_tokens
+                    self.prefix_cache_hits += computed
             if req.lora:
                 if self.loras.acquire(req.lora.name, busy):
                     out.loaded_loras.append(req.lora)
@@ -244,6 +288,48 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return out
+
+    def _start_transfer(self, req: EngineRequest, hits: list[int]) -> bool:
+        """Admits a decode leg into `loading`: blocks for the whole prompt, the local hit counted, the rest of
+        the prompt in transfer. False (nothing changed) when the blocks are not free."""
+        cfg = self.config
+        bm = self.block_manager
+        computed = len(hits) * cfg.block_size
+        new = bm.allocate(bm.blocks_needed(req.num_tokens) - len(hits), hits)
+        if new is None:
+            return False
+        req.block_ids = hits + new
+        req.num_computed_tokens = computed
+        req.num_cached_blocks = len(hits)
+        req.num_local_cached_tokens = computed
+        req.num_transferred_tokens = req.num_tokens - computed
+        if cfg.enable_prefix_caching:
+            self.prefix_cache_queries += req.num_tokens
+            self.prefix_cache_hits += computed
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.loading.append(req)
+        return True
+
+    def finish_transfers(self, requests: list[EngineRequest]) -> None:
+        """The KV of these decode legs has arrived (in this order): register the prompt's full blocks in the
+        prefix cache and queue them first, resuming at their last prompt token."""
+        cfg = self.config
+        for req in reversed(requests):
+            if req.status is not RequestStatus.WAITING_FOR_REMOTE_KV:
+                continue  # aborted meanwhile
+            self.loading.remove(req)
+            req.num_computed_tokens = req.num_tokens - 1
+            full = req.num_computed_tokens // cfg.block_size
+            if full > req.num_cached_blocks:
+                self.block_manager.cache_full_blocks(
+                    req.block_ids, req.block_hashes, req.num_cached_blocks, full, req.token_ids,
+                    lora_id=req.lora.id if req.lora else None, lora_name=req.lora_name,
+                    cache_salt=req.cache_salt,
+                )
+                req.num_cached_blocks = full
+            req.kv_received = True
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
 
     @staticmethod
     def _samples(req: EngineRequest, n: int) -> bool:
@@ -260,6 +346,8 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _finish(self, req: EngineRequest, reason: str) -> None:
+        if req.remote_decode and req.transfer_block_ids is None:
+            req.transfer_block_ids = list(req.block_ids)
         if req.block_ids:
             self.block_manager.free(req.block_ids)
             req.block_ids = []
@@ -325,7 +413,7 @@ class Scheduler:
         return _distinct(r.lora.name for r in self.running if r.lora)
 
     def waiting_lora_names(self) -> list[str]:
-        return _distinct(r.lora.name for r in self.waiting if r.lora)
+        return _distinct(r.lora.name for r in (*self.waiting, *self.loading) if r.lora)
 
 
 def _distinct(names: Iterable[str]) -> list[str]:

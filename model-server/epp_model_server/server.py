@@ -20,6 +20,7 @@ from .hf_tokenizer import load_tokenizer
 from .kv_publisher import KVEventsConfig, ZmqEventPublisher
 from .lora import LoRARegistry
 from .metrics import ServerMetrics
+from .pd import PrefillClient, new_engine_id
 from .scheduler import Scheduler, SchedulerConfig
 from .sim_engine import SimExecutor
 from .tokenizer import Tokenizer
@@ -71,11 +72,24 @@ def cache_config_labels(cfg: ServerConfig) -> dict[str, str]:
     }
 
 
+def advertised_host(cfg: ServerConfig) -> str:
+    """The address a prefill leg names as `remote_host`: --host when it is one address, else $POD_IP, else the
+    host name."""
+    if cfg.host not in ("", "0.0.0.0", "::"):
+        return cfg.host
+    return os.environ.get("POD_IP") or socket.gethostname()
+
+
 class ModelServer:
     """One model-server pod: build with a config, `await start()`, `await stop()`."""
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
+        if cfg.sidecar_enabled and cfg.engine != "sim":
+            raise ConfigurationError(
+                f"the decode sidecar (--pd-sidecar, on by default for --role decode) needs --engine sim: the "
+                f"{cfg.engine} engine's K/V are real tensors that no prefiller sends; pass --no-pd-sidecar or use "
+                "--engine sim")
         self.kv_config = KVEventsConfig.from_json(cfg.kv_events_config)
         names = cfg.served_names
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.vocab_size)
@@ -94,7 +108,9 @@ class ModelServer:
         self.publisher: ZmqEventPublisher | None = None
         self.engine = Engine(self.scheduler, self.executor, publish=self._publish,
                              lora_load_s=cfg.lora_load_ms / 1000.0,
-                             time_scale=cfg.time_scale if cfg.engine == "sim" else 1.0)
+                             time_scale=cfg.time_scale if cfg.engine == "sim" else 1.0,
+                             kv_transfer_s_per_token=cfg.kv_transfer_ms_per_token / 1000.0,
+                             kv_transfer_latency_s=cfg.kv_transfer_latency_ms / 1000.0)
         self.metrics = ServerMetrics(
             names[0], cache_config=cache_config_labels(cfg), max_model_len=cfg.max_model_len,
             max_loras=cfg.max_loras if cfg.lora_enabled else None, gauges=self.engine.gauges,
@@ -105,7 +121,14 @@ class ModelServer:
             tokenizer=self.tokenizer, engine=self.engine, metrics=self.metrics, loras=self.loras,
             default_max_tokens=cfg.default_max_tokens, chat_template=chat_template,
             pod_name=cfg.resolved_pod_name(), namespace=os.environ.get("POD_NAMESPACE") or None,
+            role=cfg.role, engine_id=new_engine_id(), advertised_host=advertised_host(cfg),
+            accepts_remote_kv=cfg.engine == "sim",
         )
+        if cfg.sidecar_enabled:
+            self.state.sidecar = PrefillClient(
+                max_retries=cfg.prefill_max_retries, backoff_s=cfg.prefill_retry_backoff_ms / 1000.0,
+                timeout_s=cfg.prefill_timeout_s, metrics=self.metrics,
+            )
         self._runner: web.AppRunner | None = None
         self.port = cfg.port
 
@@ -131,6 +154,8 @@ class ModelServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.state.sidecar is not None:
+            await self.state.sidecar.close()
         await self.engine.stop()
         if self.publisher is not None:
             await self.publisher.aclose()
@@ -139,7 +164,8 @@ class ModelServer:
     def describe(self) -> str:
         host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
         parts = [f"epp-model-server ready: http://{host}:{self.port}", f"engine={self.cfg.engine}",
-                 f"model={self.state.served_model_names[0]}", f"blocks={self.cfg.gpu_blocks}x{self.cfg.block_size}"]
+                 f"model={self.state.served_model_names[0]}", f"blocks={self.cfg.gpu_blocks}x{self.cfg.block_size}",
+                 f"role={self.cfg.role}", f"pd-sidecar={'on' if self.cfg.sidecar_enabled else 'off'}"]
         if self.publisher is not None:
             parts.append(f"kv-events={self.publisher.endpoint}")
             if self.publisher.replay_endpoint:
