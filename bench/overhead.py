@@ -1,15 +1,27 @@
 """Overhead benchmark (figures, not assertions): the latency Envoy + epp adds over Envoy routing straight
-to a backend, and epp's in-process scheduling time per request.
+to a backend, the most requests per second one epp process serves, and epp's CPU per request — for each
+ext_proc transport side by side, with each profile.
 
-    python -m bench.overhead [--endpoints 16,64] [--rates 50,200,500] [--duration 10] [--prompt-tokens 8192]
+    python -m bench.overhead [--transports fast,grpcio] [--profiles default,precise] [--endpoints 64]
+                             [--rates 50,200,500,1000] [--duration 10] [--max-duration 10]
+                             [--concurrency 64] [--prompt-tokens 8192]
 
 For each pool size it starts that many stub backends (hack/stub_backend.py, one process, distinct loopback
-IPs), `epp` with the default profile (plaintext ext_proc, scraping every backend every 50 ms), Envoy with
-the ext_proc filter (FULL_DUPLEX_STREAMED, ORIGINAL_DST) and a second Envoy that round-robins over the same
-backends without ext_proc. At each rate an open-loop client sends chat completions of ~prompt-tokens
-tokens (~4 characters a token; 32 shared system prompts plus a unique question, as chat traffic is) to
-both Envoys in turn; "added" is the difference of the two latency percentiles. Prints a table and writes
-bench/out/overhead.json.
+IPs) and an Envoy that round-robins over them without ext_proc (the baseline). For each profile (a
+built-in one, epp/profiles/<name>.yaml) it starts one `epp` per transport (plaintext ext_proc, scraping
+every backend every 50 ms), each behind its own Envoy with the ext_proc filter (FULL_DUPLEX_STREAMED,
+ORIGINAL_DST). At each rate an open-loop client sends chat completions of ~prompt-tokens tokens (~4
+characters a token; 32 shared system prompts plus a unique question, as chat traffic is) to the baseline
+and then to each transport's Envoy in turn (interleaved, so that drift of a busy machine hits all alike);
+"added" is the difference of the latency percentiles (p50/p90/p99). "epp CPU/req" is the epp process's
+user+system CPU time (/proc/<pid>/stat) over the run divided by the requests served. ("net" in the JSON: less
+what the process burns idle, scraping, measured for 2 s before the load). "max req/s" is a closed loop
+of --concurrency clients for --max-duration seconds against each transport's Envoy. All transports' epps
+run at once by default; --one-at-a-time starts them in turn (each scrapes the pool in the background,
+which on 2 cores and 64 endpoints is a load of its own).
+
+The precise profile runs without KV events (the stub backends publish none), so it measures its
+tokenization and scoring cost, not its routing quality. Prints tables and writes bench/out/overhead.json.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -28,6 +41,8 @@ import aiohttp
 from hack.localstack import Processes
 
 OUT = Path(__file__).parent / "out"
+PROFILES = Path(__file__).parent.parent / "epp" / "profiles"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def make_bodies(n: int, prompt_tokens: int, seed: int = 1) -> list[bytes]:
@@ -50,47 +65,110 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float) -> dict:
-    """Send at a fixed rate regardless of responses; latency = send to last response byte."""
-    latencies: list[float] = []
-    errors = 0
-    n = int(rate * duration)
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(connector=connector) as s:
-        async def one(body: bytes) -> None:
-            nonlocal errors
-            t0 = time.perf_counter()
-            try:
-                async with s.post(url, data=body, headers={"content-type": "application/json"}) as r:
-                    await r.read()
-                    if r.status != 200:
-                        errors += 1
-                        return
-            except aiohttp.ClientError:
-                errors += 1
-                return
-            latencies.append(time.perf_counter() - t0)
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
-        # warm the connections
-        await asyncio.gather(*[one(bodies[i]) for i in range(8)])
-        latencies.clear()
-        tasks = []
-        start = time.perf_counter()
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(bodies[i % len(bodies)])))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
-    return {"sent": n, "ok": len(latencies), "errors": errors, "achieved_rps": len(latencies) / elapsed,
-            "p50_ms": pct(latencies, 0.5) * 1e3, "p99_ms": pct(latencies, 0.99) * 1e3,
+
+def summarize(latencies: list[float], sent: int, errors: int, elapsed: float) -> dict:
+    return {"sent": sent, "ok": len(latencies), "errors": errors, "achieved_rps": len(latencies) / elapsed,
+            "p50_ms": pct(latencies, 0.5) * 1e3, "p90_ms": pct(latencies, 0.9) * 1e3,
+            "p99_ms": pct(latencies, 0.99) * 1e3,
             "mean_ms": statistics.fmean(latencies) * 1e3 if latencies else float("nan")}
 
 
-def scheduling_time(n_endpoints: int, bodies: list[bytes], iterations: int = 2000) -> dict:
-    """In-process: ExtProcSession over the default profile, request headers + body in, routing answer and
-    echoed body out (the work epp does per request besides the gRPC transport)."""
+class Client:
+    """One aiohttp session per target; latency = send to last response byte."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    async def one(self, body: bytes) -> None:
+        t0 = time.perf_counter()
+        try:
+            async with self.session.post(self.url, data=body, headers={"content-type": "application/json"}) as r:
+                await r.read()
+                if r.status != 200:
+                    self.errors += 1
+                    return
+        except aiohttp.ClientError:
+            self.errors += 1
+            return
+        self.latencies.append(time.perf_counter() - t0)
+
+    def reset(self) -> None:
+        self.latencies, self.errors = [], 0
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+def add_cpu(out: dict, pid: int | None, cpu0: float, elapsed: float, idle_per_s: float) -> None:
+    """epp CPU per served request: raw, and net of what the process burns idle (scraping, timers)."""
+    if pid:
+        used = cpu_seconds(pid) - cpu0
+        ok = max(1, out["ok"])
+        out["epp_cpu_ms_per_req"] = used / ok * 1e3
+        out["epp_cpu_ms_per_req_net"] = max(0.0, used - idle_per_s * elapsed) / ok * 1e3
+
+
+async def idle_cpu(pid: int, seconds: float = 2.0) -> float:
+    """CPU seconds per second the process uses with no requests."""
+    cpu0 = cpu_seconds(pid)
+    await asyncio.sleep(seconds)
+    return (cpu_seconds(pid) - cpu0) / seconds
+
+
+async def open_loop(client: Client, bodies: list[bytes], rate: float, duration: float, pid: int | None,
+                    idle_per_s: float = 0.0) -> dict:
+    """Send at a fixed rate regardless of responses."""
+    await asyncio.gather(*[client.one(bodies[i]) for i in range(8)])  # warm the connections
+    client.reset()
+    n = max(1, int(rate * duration))
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    tasks = []
+    start = time.perf_counter()
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(client.one(bodies[i % len(bodies)])))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    out = summarize(client.latencies, n, client.errors, elapsed)
+    add_cpu(out, pid, cpu0, elapsed, idle_per_s)
+    return out
+
+
+async def closed_loop(client: Client, bodies: list[bytes], concurrency: int, duration: float, pid: int | None,
+                      idle_per_s: float = 0.0) -> dict:
+    """`concurrency` clients sending back to back: the most requests per second the path serves."""
+    await asyncio.gather(*[client.one(bodies[i]) for i in range(8)])
+    client.reset()
+    stop = time.perf_counter() + duration
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        while time.perf_counter() < stop:
+            await client.one(bodies[next(counter) % len(bodies)])
+
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    start = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    elapsed = time.perf_counter() - start
+    out = summarize(client.latencies, len(client.latencies) + client.errors, client.errors, elapsed)
+    add_cpu(out, pid, cpu0, elapsed, idle_per_s)
+    return out
+
+
+def scheduling_time(profile: str, n_endpoints: int, bodies: list[bytes], iterations: int = 2000) -> dict:
+    """In-process: ExtProcSession over the profile, request headers + body in, routing answer and echoed
+    body out (the work epp does per request besides the ext_proc transport)."""
     from epp.config import load_profile
     from epp.datastore.endpoint import Endpoint, Metrics
     from epp.datastore.pool import Pool
@@ -113,7 +191,7 @@ def scheduling_time(n_endpoints: int, bodies: list[bytes], iterations: int = 200
                              cache_num_blocks=10000, update_time=now + 3600)
         eps.append(ep)
     pool.replace(eps)
-    config = load_profile("default", PluginHandle(pool))
+    config = load_profile(profile, PluginHandle(pool))
     director = Director(config, pool, EppMetrics(pool))
     hmsg = headers_msg(CHAT_HEADERS)
     bmsgs = [body_msg(b, True) for b in bodies]
@@ -131,28 +209,75 @@ def scheduling_time(n_endpoints: int, bodies: list[bytes], iterations: int = 200
             "mean_us": statistics.fmean(times) * 1e6}
 
 
-async def run_pool(n: int, rates: list[float], duration: float, bodies: list[bytes], workdir: Path,
-                   epp_args: list[str]) -> list[dict]:
+def _cells(r: dict) -> str:
+    if r["rate"] == "max":
+        e = r["epp"]
+        return (f"max {e['achieved_rps']:.0f} req/s, p50 {e['p50_ms']:.1f} ms, "
+                f"cpu {e.get('epp_cpu_ms_per_req', float('nan')):.3f} ms/req")
+    e = r["epp"]
+    return (f"{e['added_p50_ms']:>7.2f} {e['added_p90_ms']:>7.2f} {e['added_p99_ms']:>7.2f} "
+            f"{e.get('epp_cpu_ms_per_req', float('nan')):>7.3f} {e['achieved_rps']:>6.0f} {e['errors']:>4}")
+
+
+def print_table(rows: list[dict], transports: list[str]) -> None:
+    """Side by side: one line per pool size, profile and rate; one column group per transport."""
+    cols = " | ".join(f"{t + ': add p50/p90/p99 ms, cpu ms/req, rps, err':<50}" for t in transports)
+    print(f"{'endpoints':>9} {'profile':>8} {'rate':>6} | {cols}")
+    keys = list(dict.fromkeys((r["endpoints"], r["profile"], r["rate"]) for r in rows))
+    for n, profile, rate in keys:
+        by_t = {r["transport"]: r for r in rows if (r["endpoints"], r["profile"], r["rate"]) == (n, profile, rate)}
+        label = rate if rate == "max" else f"{rate:.0f}"
+        print(f"{n:>9} {profile:>8} {label:>6} | " + " | ".join(
+            f"{_cells(by_t[t]) if t in by_t else '-':<50}" for t in transports))
+
+
+async def run_pool(n: int, profiles: list[str], transports: list[str], args, bodies: list[bytes],
+                   workdir: Path) -> list[dict]:
+    """Rows for one pool size: per profile, transport and rate (and "max"), the baseline and the epp run."""
     procs = Processes(workdir)
     rows = []
+    groups = [[t] for t in transports] if args.one_at_a_time else [transports]
     try:
         _, backends = procs.backends(n, first_ip=2, name=f"backends-{n}")
-        epp = procs.epp(",".join(backends), *epp_args, name=f"epp-{n}")
-        via_epp = procs.envoy(epp.ports["grpc"])
         direct = procs.envoy(0, pool=backends, direct=True)
-        await asyncio.sleep(1.0)  # scrapes settle
-        for rate in rates:
-            base = await open_loop(f"http://127.0.0.1:{direct.ports['listen']}/v1/chat/completions", bodies, rate,
-                                   duration)
-            with_epp = await open_loop(f"http://127.0.0.1:{via_epp.ports['listen']}/v1/chat/completions", bodies,
-                                       rate, duration)
-            row = {"endpoints": n, "rate": rate, "direct": base, "epp": with_epp,
-                   "added_p50_ms": with_epp["p50_ms"] - base["p50_ms"],
-                   "added_p99_ms": with_epp["p99_ms"] - base["p99_ms"]}
-            rows.append(row)
-            print(f"{n:>9} {rate:>6.0f} {base['p50_ms']:>9.2f} {base['p99_ms']:>9.2f} {with_epp['p50_ms']:>9.2f} "
-                  f"{with_epp['p99_ms']:>9.2f} {row['added_p50_ms']:>9.2f} {row['added_p99_ms']:>9.2f} "
-                  f"{with_epp['achieved_rps']:>8.0f} {with_epp['errors'] + base['errors']:>6}", flush=True)
+        base_client = Client(f"http://127.0.0.1:{direct.ports['listen']}/v1/chat/completions")
+        for profile in profiles:
+            for group in groups:
+                epps, clients = {}, {}
+                for t in group:
+                    epp = procs.epp(",".join(backends), "--transport", t, "--config-file",
+                                    str(PROFILES / f"{profile}.yaml"), "--refresh-metrics-interval",
+                                    args.refresh_metrics_interval, name=f"epp-{n}-{profile}-{t}")
+                    envoy = procs.envoy(epp.ports["grpc"])
+                    epps[t] = epp
+                    clients[t] = Client(f"http://127.0.0.1:{envoy.ports['listen']}/v1/chat/completions")
+                await asyncio.sleep(1.0)  # scrapes settle
+                idle = {t: await idle_cpu(epps[t].popen.pid) for t in group}
+                for t in group:
+                    print(f"  {n} endpoints, {profile}, {t}: epp CPU when idle {idle[t] * 1e3:.1f} ms/s", flush=True)
+                for rate in args.rates:
+                    base = await open_loop(base_client, bodies, rate, args.duration, None)
+                    for t in group:  # interleaved with the baseline, so that drift hits all alike
+                        r = await open_loop(clients[t], bodies, rate, args.duration, epps[t].popen.pid, idle[t])
+                        for q in ("p50", "p90", "p99"):
+                            r[f"added_{q}_ms"] = r[f"{q}_ms"] - base[f"{q}_ms"]
+                        rows.append({"endpoints": n, "profile": profile, "transport": t, "rate": rate,
+                                     "direct": base, "epp": r, "epp_idle_cpu_ms_per_s": idle[t] * 1e3})
+                        print(f"  {n} endpoints, {profile}, {t}, {rate:.0f} req/s: direct p50/p90/p99 "
+                              f"{base['p50_ms']:.2f}/{base['p90_ms']:.2f}/{base['p99_ms']:.2f} ms; "
+                              f"added {_cells(rows[-1])}", flush=True)
+                if args.max_duration > 0:
+                    for t in group:
+                        sat = await closed_loop(clients[t], bodies, args.concurrency, args.max_duration,
+                                                epps[t].popen.pid, idle[t])
+                        rows.append({"endpoints": n, "profile": profile, "transport": t, "rate": "max",
+                                     "epp": sat, "epp_idle_cpu_ms_per_s": idle[t] * 1e3})
+                        print(f"  {n} endpoints, {profile}, {t}: {_cells(rows[-1])}", flush=True)
+                for c in clients.values():
+                    await c.close()
+                for t in group:
+                    epps[t].stop()
+        await base_client.close()
     finally:
         procs.stop_all()
     return rows
@@ -160,12 +285,24 @@ async def run_pool(n: int, rates: list[float], duration: float, bodies: list[byt
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--endpoints", default="16,64")
-    ap.add_argument("--rates", default="50,200,500")
-    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--transports", default="fast,grpcio", help="ext_proc transports to compare (--transport)")
+    ap.add_argument("--profiles", default="default,precise", help="built-in profiles (epp/profiles/<name>.yaml)")
+    ap.add_argument("--endpoints", default="64")
+    ap.add_argument("--rates", default="50,200,500,1000")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per rate and target")
+    ap.add_argument("--max-duration", type=float, default=10.0, help="seconds of the max req/s run (0: skip)")
+    ap.add_argument("--concurrency", type=int, default=64, help="clients of the max req/s run")
     ap.add_argument("--prompt-tokens", type=int, default=8192)
     ap.add_argument("--refresh-metrics-interval", default="50ms", help="epp's scrape period (default 50ms)")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="run one transport's epp at a time (its idle scraping then does not load the other's "
+                         "runs; on a 2-core machine this matters with many endpoints); default: all at once, "
+                         "interleaved")
+    ap.add_argument("--out", default=str(OUT / "overhead.json"))
     args = ap.parse_args()
+    args.rates = [float(x) for x in args.rates.split(",")]
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
     try:
         import uvloop
 
@@ -173,29 +310,31 @@ def main() -> int:
     except ImportError:
         pass
     pools = [int(x) for x in args.endpoints.split(",")]
-    rates = [float(x) for x in args.rates.split(",")]
     bodies = make_bodies(512, args.prompt_tokens)
-    print(f"request body: {len(bodies[0])} bytes (~{args.prompt_tokens} tokens)")
-    print("in-process per request (ExtProcSession, default profile, protobuf in/out):")
-    sched = {}
-    for n in pools:
-        sched[n] = scheduling_time(n, bodies)
-        print(f"  {n:>3} endpoints: p50 {sched[n]['p50_us']:.0f} µs, p99 {sched[n]['p99_us']:.0f} µs, "
-              f"mean {sched[n]['mean_us']:.0f} µs")
-    print("\nlatency through Envoy (ms): direct = Envoy only; epp = Envoy + ext_proc epp; added = epp - direct")
-    print(f"{'endpoints':>9} {'rate':>6} {'dir p50':>9} {'dir p99':>9} {'epp p50':>9} {'epp p99':>9} "
-          f"{'add p50':>9} {'add p99':>9} {'rps':>8} {'errors':>6}")
+    print(f"request body: {len(bodies[0])} bytes (~{args.prompt_tokens} tokens); transports {', '.join(transports)}")
+    print("in-process per request (ExtProcSession: headers + body in, routing answer + echoed body out):")
+    sched: dict[str, dict[int, dict]] = {}
+    for profile in profiles:
+        sched[profile] = {}
+        for n in pools:
+            sched[profile][n] = r = scheduling_time(profile, n, bodies)
+            print(f"  {profile:>8}, {n:>3} endpoints: p50 {r['p50_us']:.0f} µs, p99 {r['p99_us']:.0f} µs, "
+                  f"mean {r['mean_us']:.0f} µs")
+    print("\nruns:")
     OUT.mkdir(exist_ok=True)
     workdir = OUT / "overhead-logs"
     workdir.mkdir(exist_ok=True)
     rows = []
     for n in pools:
-        rows += asyncio.run(run_pool(n, rates, args.duration, bodies, workdir,
-                                     ["--refresh-metrics-interval", args.refresh_metrics_interval]))
-    result = {"prompt_tokens": args.prompt_tokens, "body_bytes": len(bodies[0]), "scheduling": sched,
-              "refresh_metrics_interval": args.refresh_metrics_interval,
+        rows += asyncio.run(run_pool(n, profiles, transports, args, bodies, workdir))
+    print("\nlatency through Envoy: add = (Envoy + epp) - Envoy alone, per percentile; cpu = epp CPU per request "
+          "(raw; net of idle in the JSON)")
+    print_table(rows, transports)
+    result = {"prompt_tokens": args.prompt_tokens, "body_bytes": len(bodies[0]), "transports": transports,
+              "profiles": profiles, "scheduling": sched, "refresh_metrics_interval": args.refresh_metrics_interval,
+              "duration_s": args.duration, "concurrency": args.concurrency, "one_at_a_time": args.one_at_a_time,
               "latency": rows}
-    out = OUT / f"overhead-{args.refresh_metrics_interval}.json"
+    out = Path(args.out)
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
     return 0

@@ -15,6 +15,7 @@ from epp.datastore.models import ModelPolicy
 from epp.datastore.pool import Pool
 from epp.director import Director, DirectorOptions
 from epp.extproc.grpc_server import ext_proc_handler
+from epp.extproc.h2 import H2Server, server_ssl_context
 from epp.extproc.protocol import ReplyCache
 from epp.extproc.session import ExtProcSession
 from epp.extproc.tls import server_credentials
@@ -37,6 +38,7 @@ class ServeOptions:
     disable_subset_filter: bool = False
     objectives: dict[str, int] = field(default_factory=dict)
     metrics_staleness_s: float = 2.0
+    transport: str = "grpcio"  # ext_proc transport: "grpcio", or "fast" (epp/extproc/h2)
 
 
 class EppApp:
@@ -65,6 +67,7 @@ class EppApp:
         self.replies = ReplyCache()
         self.scraper = Scraper(pool, config.data_sources, on_success=None, on_error=self._scrape_error)
         self._grpc: grpc.aio.Server | None = None
+        self._h2: H2Server | None = None
         self._health: grpc.aio.Server | None = None
         self._web: web.AppRunner | None = None
         self.ports: dict[str, int] = {}
@@ -85,19 +88,34 @@ class EppApp:
     async def start(self) -> None:
         o = self.options
         addr = o.host if ":" not in o.host else f"[{o.host}]"
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])
-        self._grpc.add_generic_rpc_handlers([ext_proc_handler(self.new_session)])
-        if o.secure_serving:
-            self.ports["grpc"] = self._grpc.add_secure_port(f"{addr}:{o.grpc_port}", server_credentials(o.cert_path))
+        if o.transport == "fast":
+            self._h2 = H2Server(self.new_session,
+                                ssl_context=server_ssl_context(o.cert_path) if o.secure_serving else None)
+        elif o.transport == "grpcio":
+            self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                                  ("grpc.max_receive_message_length", 8 << 20)])
+            self._grpc.add_generic_rpc_handlers([ext_proc_handler(self.new_session)])
+            if o.secure_serving:
+                self.ports["grpc"] = self._grpc.add_secure_port(f"{addr}:{o.grpc_port}",
+                                                                server_credentials(o.cert_path))
+            else:
+                self.ports["grpc"] = self._grpc.add_insecure_port(f"{addr}:{o.grpc_port}")
         else:
-            self.ports["grpc"] = self._grpc.add_insecure_port(f"{addr}:{o.grpc_port}")
+            raise ValueError(f"unknown ext_proc transport {o.transport!r}: use 'fast' or 'grpcio'")
         self._health = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(self.ready), self._health)
         self.ports["health"] = self._health.add_insecure_port(f"{addr}:{o.grpc_health_port}")
         for name, port in self.ports.items():
             if port == 0:
                 raise OSError(f"could not bind the {name} port on {o.host}; is another process using it?")
-        await self._grpc.start()
+        if self._h2 is not None:
+            try:
+                self.ports["grpc"] = await self._h2.start(o.host, o.grpc_port)
+            except OSError as exc:
+                raise OSError(f"could not bind the grpc port {o.grpc_port} on {o.host} ({exc.strerror}); is "
+                              f"another process using it?") from None
+        else:
+            await self._grpc.start()
         await self._health.start()
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_handler)
@@ -115,10 +133,10 @@ class EppApp:
             except Exception:
                 await self.stop(0)
                 raise
-        log.info("epp serving ext_proc on %s:%d (%s), health on %d, metrics on %d; pool %s with %d endpoints; "
-                 "config from %s", o.host, self.ports["grpc"], "TLS" if o.secure_serving else "plaintext",
-                 self.ports["health"], self.ports["metrics"], self.pool.name, len(self.pool.endpoints),
-                 self.config.source)
+        log.info("epp serving ext_proc on %s:%d (%s, %s transport), health on %d, metrics on %d; pool %s with %d "
+                 "endpoints; config from %s", o.host, self.ports["grpc"], "TLS" if o.secure_serving else "plaintext",
+                 o.transport, self.ports["health"], self.ports["metrics"], self.pool.name,
+                 len(self.pool.endpoints), self.config.source)
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8",
@@ -136,6 +154,8 @@ class EppApp:
             except Exception:
                 log.exception("stopping plugin %s failed", getattr(plugin, "name", plugin))
         await self.scraper.stop()
+        if self._h2 is not None:
+            await self._h2.stop(grace)
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self._health is not None:

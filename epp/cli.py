@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve ext_proc over TLS (default true; self-signed unless --cert-path). "
                          "--secure-serving=false for plaintext")
     ap.add_argument("--cert-path", help="directory holding tls.crt and tls.key for --secure-serving")
+    ap.add_argument("--transport", choices=["fast", "grpcio"], default="grpcio",
+                    help="ext_proc transport: grpcio's server, or 'fast', HTTP/2 and gRPC framing written for "
+                         "Envoy's one ext_proc stream (less CPU per request); gRPC health stays on grpcio "
+                         "(default grpcio)")
     ap.add_argument("--refresh-metrics-interval", type=_duration, default=None,
                     help="how often each model server's /metrics is scraped (default 50ms, or the "
                          "metrics-data-source plugin's interval)")
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port, secure_serving=args.secure_serving, cert_path=args.cert_path,
         max_request_body_bytes=args.max_request_body_bytes,
         disable_subset_filter=args.disable_endpoint_subset_filter, objectives=objectives,
-        metrics_staleness_s=args.metrics_staleness_threshold,
+        metrics_staleness_s=args.metrics_staleness_threshold, transport=args.transport,
     )
     try:
         import uvloop
