@@ -248,7 +248,7 @@ async def run_pool(n: int, profiles: list[str], transports: list[str], args, bod
                     epp = procs.epp(",".join(backends), "--transport", t, "--config-file",
                                     str(PROFILES / f"{profile}.yaml"), "--refresh-metrics-interval",
                                     args.refresh_metrics_interval, name=f"epp-{n}-{profile}-{t}")
-                    envoy = procs.envoy(epp.ports["grpc"])
+                    envoy = procs.envoy(epp.ports["grpc"], response_body_mode=args.response_body_mode)
                     epps[t] = epp
                     clients[t] = Client(f"http://127.0.0.1:{envoy.ports['listen']}/v1/chat/completions")
                 await asyncio.sleep(1.0)  # scrapes settle
@@ -298,8 +298,12 @@ def main() -> int:
                     help="run one transport's epp at a time (its idle scraping then does not load the other's "
                          "runs; on a 2-core machine this matters with many endpoints); default: all at once, "
                          "interleaved")
+    ap.add_argument("--epp-response-body", choices=("none", "streamed"), default="none",
+                    help="Envoy's ext_proc response_body_mode: none (as manifests/envoy/envoy.yaml, since neither "
+                         "profile reads responses; default) or streamed (FULL_DUPLEX_STREAMED)")
     ap.add_argument("--out", default=str(OUT / "overhead.json"))
     args = ap.parse_args()
+    args.response_body_mode = "NONE" if args.epp_response_body == "none" else "FULL_DUPLEX_STREAMED"
     args.rates = [float(x) for x in args.rates.split(",")]
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]

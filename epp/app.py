@@ -38,7 +38,7 @@ class ServeOptions:
     disable_subset_filter: bool = False
     objectives: dict[str, int] = field(default_factory=dict)
     metrics_staleness_s: float = 2.0
-    transport: str = "grpcio"  # ext_proc transport: "grpcio", or "fast" (epp/extproc/h2)
+    transport: str = "fast"  # ext_proc transport: "fast" (epp/extproc/h2), or "grpcio"
 
 
 class EppApp:

@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve ext_proc over TLS (default true; self-signed unless --cert-path). "
                          "--secure-serving=false for plaintext")
     ap.add_argument("--cert-path", help="directory holding tls.crt and tls.key for --secure-serving")
-    ap.add_argument("--transport", choices=["fast", "grpcio"], default="grpcio",
-                    help="ext_proc transport: grpcio's server, or 'fast', HTTP/2 and gRPC framing written for "
-                         "Envoy's one ext_proc stream (less CPU per request); gRPC health stays on grpcio "
-                         "(default grpcio)")
+    ap.add_argument("--transport", choices=["fast", "grpcio"], default="fast",
+                    help="ext_proc transport: 'fast', HTTP/2 and gRPC framing written for Envoy's one ext_proc "
+                         "stream (about half the CPU per request of grpcio, measured with bench/overhead.py), "
+                         "or grpcio's server; gRPC health stays on grpcio (default fast)")
     ap.add_argument("--refresh-metrics-interval", type=_duration, default=None,
                     help="how often each model server's /metrics is scraped (default 50ms, or the "
                          "metrics-data-source plugin's interval)")

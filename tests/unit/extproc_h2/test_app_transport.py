@@ -36,7 +36,7 @@ def make_app(transport: str) -> EppApp:
     return EppApp(config, pool, options)
 
 
-@pytest.mark.parametrize("argv,expected", [([], "grpcio"), (["--transport", "fast"], "fast"),
+@pytest.mark.parametrize("argv,expected", [([], "fast"), (["--transport", "fast"], "fast"),
                                            (["--transport=grpcio"], "grpcio")])
 def test_the_transport_flag(argv, expected):
     assert build_parser().parse_args(argv).transport == expected
