@@ -65,6 +65,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.runner import run as run_benchmark
 from bench.workloads import MODEL
 from hack.localstack import BIN, Proc, Processes, wait_port
 
@@ -609,17 +610,7 @@ async def main_async(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    try:
-        return runner(main_async(settings))
-    except KeyboardInterrupt:
-        print("\npd: interrupted; every process it started was stopped", file=sys.stderr)
-        return 130
+    return run_benchmark(main_async(parse_args(argv)), "pd")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import oracle as oracle_mod
 from bench import prefix_report
+from bench.runner import run as run_benchmark
 from bench.workloads import MODEL, WORKLOADS, BenchRequest, Stage, Workload, ladder
 from hack.localstack import BIN, Proc, Processes, free_port, wait_port
 
@@ -760,17 +761,7 @@ async def main_async(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    try:
-        return runner(main_async(settings))
-    except KeyboardInterrupt:
-        print("\nprefix_routing: interrupted; every process it started was stopped", file=sys.stderr)
-        return 130
+    return run_benchmark(main_async(parse_args(argv)), "prefix_routing")
 
 
 if __name__ == "__main__":

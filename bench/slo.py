@@ -56,6 +56,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.prefix_routing import POD_PORT, Front, Pods, Policy, _usage, percentile, start_front, wait_quiet
+from bench.runner import run as run_benchmark
 from bench.workloads import MODEL, BenchRequest, Stage, chat, ladder
 from hack.localstack import Processes
 
@@ -472,17 +473,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    try:
-        return runner(main_async(settings))
-    except KeyboardInterrupt:
-        print("\nslo: interrupted; every process it started was stopped", file=sys.stderr)
-        return 130
+    return run_benchmark(main_async(parse_args(argv)), "slo")
 
 
 if __name__ == "__main__":
