@@ -37,13 +37,19 @@ def self_signed(hostname: str = "epp") -> tuple[bytes, bytes]:
     )
 
 
+def cert_files(cert_path: str) -> tuple[Path, Path]:
+    """(tls.crt, tls.key) under `cert_path`; exits with a message naming what is missing."""
+    d = Path(cert_path)
+    crt, key = d / "tls.crt", d / "tls.key"
+    missing = [str(f) for f in (crt, key) if not f.is_file()]
+    if missing:
+        raise SystemExit(f"--cert-path {cert_path}: missing {', '.join(missing)} (expected tls.crt and tls.key)")
+    return crt, key
+
+
 def server_credentials(cert_path: str | None) -> grpc.ServerCredentials:
     if cert_path:
-        d = Path(cert_path)
-        crt, key = d / "tls.crt", d / "tls.key"
-        missing = [str(f) for f in (crt, key) if not f.is_file()]
-        if missing:
-            raise SystemExit(f"--cert-path {cert_path}: missing {', '.join(missing)} (expected tls.crt and tls.key)")
+        crt, key = cert_files(cert_path)
         return grpc.ssl_server_credentials([(key.read_bytes(), crt.read_bytes())])
     key_pem, cert_pem = self_signed(os.environ.get("POD_NAME", "epp"))
     return grpc.ssl_server_credentials([(key_pem, cert_pem)])

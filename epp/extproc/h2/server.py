@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from epp.extproc.h2.connection import DEFAULT_CONFIG, H2Config, H2Connection, Session
-from epp.extproc.tls import self_signed
+from epp.extproc.tls import cert_files, self_signed
 
 log = logging.getLogger("epp.extproc.h2")
 
@@ -30,11 +30,7 @@ def server_ssl_context(cert_path: str | None) -> ssl.SSLContext:
     ctx.set_alpn_protocols(["h2"])
     ctx.options |= ssl.OP_NO_COMPRESSION
     if cert_path:
-        d = Path(cert_path)
-        crt, key = d / "tls.crt", d / "tls.key"
-        missing = [str(p) for p in (crt, key) if not p.is_file()]
-        if missing:
-            raise SystemExit(f"--cert-path {cert_path}: missing {', '.join(missing)} (expected tls.crt and tls.key)")
+        crt, key = cert_files(cert_path)
         ctx.load_cert_chain(crt, key)
         return ctx
     key_pem, cert_pem = self_signed(os.environ.get("POD_NAME", "epp"))
