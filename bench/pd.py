@@ -65,6 +65,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import prefix_routing
 from bench.runner import run as run_benchmark
 from bench.workloads import MODEL
 from hack.localstack import BIN, Proc, Processes, wait_port
@@ -190,8 +191,9 @@ def parse_layout(text: str, pods: int) -> Layout:
     raise SystemExit(f"--layouts: unknown layout {text!r}; use agg, pd:K or pd-rr:K (K prefill pods)")
 
 
-class Pods:
-    """The pods of one layout; started per layout (roles differ), caches cleared per run."""
+class Pods(prefix_routing.Pods):
+    """The pods of one layout, with their roles; started per layout (roles differ), caches cleared per run.
+    Port checks, waiting for idle pods and cache resets are the prefix benchmark's."""
 
     def __init__(self, procs: Processes, settings: Settings, roles: list[str]) -> None:
         self.procs = procs
@@ -203,9 +205,6 @@ class Pods:
 
     def of_role(self, role: str) -> list[str]:
         return [ep for ep, r in zip(self.endpoints, self.roles, strict=True) if r == role]
-
-    def busy(self) -> list[str]:
-        return [f"{h}:{p}" for h in self.hosts for p in (POD_PORT, KV_PORT, REPLAY_PORT) if not port_free(h, p)]
 
     def start(self) -> None:
         s = self.settings
@@ -239,23 +238,6 @@ class Pods:
                         vals[s.name] += s.value
             out[ep] = vals
         return out
-
-    async def wait_idle(self, session: aiohttp.ClientSession, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            m = await self.scrape(session)
-            busy = sum(v["vllm:num_requests_running"] + v["vllm:num_requests_waiting"] for v in m.values())
-            if busy == 0:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the pods still have {busy:.0f} requests after {timeout:.0f} s")
-            await asyncio.sleep(0.2)
-
-    async def reset(self, session: aiohttp.ClientSession) -> None:
-        for ep in self.endpoints:
-            async with session.post(f"http://{ep}/reset_prefix_cache") as r:
-                if r.status != 200:
-                    raise RuntimeError(f"POST http://{ep}/reset_prefix_cache answered {r.status}")
 
 
 @dataclass
@@ -428,7 +410,7 @@ async def run_layout(layout: Layout, settings: Settings, procs: Processes, reque
     try:
         await check_tokens(session, pods.endpoints[0], requests[0])
         for rate in settings.rates:
-            await pods.wait_idle(session)
+            await pods.wait_idle(session, timeout=120.0)
             await pods.reset(session)
             run_id = f"{layout.name.replace(':', '')}-{rate:g}"
             front = await start_front(layout, settings, procs, pods, session, run_id)
@@ -439,7 +421,7 @@ async def run_layout(layout: Layout, settings: Settings, procs: Processes, reque
                 t0 = time.perf_counter()
                 records = await replay(front, requests[:len(times)], times, settings.drain, session, prefillers)
                 wall = time.perf_counter() - t0
-                await pods.wait_idle(session)
+                await pods.wait_idle(session, timeout=120.0)
                 after = await pods.scrape(session)
             finally:
                 front.stop()
