@@ -52,9 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import random
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -66,6 +64,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import prefix_routing
+from bench.prefix_routing import percentile
 from bench.runner import run as run_benchmark
 from bench.workloads import MODEL
 from hack.localstack import BIN, Proc, Processes, wait_port
@@ -86,24 +85,6 @@ COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total", "
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 1]); NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
 
 
 def int_range(text: str, what: str) -> tuple[int, int]:
