@@ -231,6 +231,60 @@ def print_table(rows: list[dict], transports: list[str]) -> None:
             f"{_cells(by_t[t]) if t in by_t else '-':<50}" for t in transports))
 
 
+def _closed_loop_process(url: str, bodies: list[bytes], concurrency: int, start_at: float,
+                         duration: float) -> tuple[list[float], int]:
+    """One client process of a multi-process closed loop: its latencies and errors."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def run() -> tuple[list[float], int]:
+        client = Client(url)
+        await asyncio.gather(*[client.one(bodies[i]) for i in range(4)])
+        client.reset()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        stop = time.perf_counter() + duration
+        counter = iter(range(10**9))
+
+        async def worker() -> None:
+            while time.perf_counter() < stop:
+                await client.one(bodies[next(counter) % len(bodies)])
+
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        await client.close()
+        return client.latencies, client.errors
+
+    return asyncio.run(run())
+
+
+async def closed_loop_processes(url: str, bodies: list[bytes], concurrency: int, duration: float, procs: int,
+                                pid: int | None, idle_per_s: float = 0.0) -> dict:
+    """The closed loop spread over `procs` client processes (one Python client tops out near a few
+    thousand requests per second, below what a fast EPP on a dedicated core serves)."""
+    import concurrent.futures
+    import multiprocessing
+
+    loop = asyncio.get_running_loop()
+    start_at = time.time() + 2.0  # every process connected and warm before the clock starts
+    per = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        futs = [loop.run_in_executor(ex, _closed_loop_process, url, bodies, c, start_at, duration) for c in per]
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu0 = cpu_seconds(pid) if pid else 0.0
+        start = time.perf_counter()
+        results = await asyncio.gather(*futs)
+        elapsed = min(time.perf_counter() - start, duration)
+    latencies = [x for lat, _ in results for x in lat]
+    errors = sum(e for _, e in results)
+    out = summarize(latencies, len(latencies) + errors, errors, elapsed)
+    add_cpu(out, pid, cpu0, elapsed, idle_per_s)
+    out["client_processes"] = procs
+    return out
+
+
 async def run_pool(n: int, profiles: list[str], transports: list[str], args, bodies: list[bytes],
                    workdir: Path) -> list[dict]:
     """Rows for one pool size: per profile, transport and rate (and "max"), the baseline and the epp run."""
@@ -238,8 +292,11 @@ async def run_pool(n: int, profiles: list[str], transports: list[str], args, bod
     rows = []
     groups = [[t] for t in transports] if args.one_at_a_time else [transports]
     try:
-        _, backends = procs.backends(n, first_ip=2, name=f"backends-{n}")
-        direct = procs.envoy(0, pool=backends, direct=True)
+        backends: list[str] = []
+        per = -(-n // args.backend_procs)
+        for i, first in enumerate(range(0, n, per)):
+            backends += procs.backends(min(per, n - first), first_ip=2 + first, name=f"backends-{n}-{i}")[1]
+        direct = procs.envoy(0, pool=backends, direct=True, concurrency=args.envoy_concurrency)
         base_client = Client(f"http://127.0.0.1:{direct.ports['listen']}/v1/chat/completions")
         for profile in profiles:
             for group in groups:
@@ -247,8 +304,10 @@ async def run_pool(n: int, profiles: list[str], transports: list[str], args, bod
                 for t in group:
                     epp = procs.epp(",".join(backends), "--transport", t, "--config-file",
                                     str(PROFILES / f"{profile}.yaml"), "--refresh-metrics-interval",
-                                    args.refresh_metrics_interval, name=f"epp-{n}-{profile}-{t}")
-                    envoy = procs.envoy(epp.ports["grpc"], response_body_mode=args.response_body_mode)
+                                    args.refresh_metrics_interval, name=f"epp-{n}-{profile}-{t}",
+                                    cpus=args.epp_cpus)
+                    envoy = procs.envoy(epp.ports["grpc"], response_body_mode=args.response_body_mode,
+                                        concurrency=args.envoy_concurrency)
                     epps[t] = epp
                     clients[t] = Client(f"http://127.0.0.1:{envoy.ports['listen']}/v1/chat/completions")
                 await asyncio.sleep(1.0)  # scrapes settle
@@ -268,8 +327,13 @@ async def run_pool(n: int, profiles: list[str], transports: list[str], args, bod
                               f"added {_cells(rows[-1])}", flush=True)
                 if args.max_duration > 0:
                     for t in group:
-                        sat = await closed_loop(clients[t], bodies, args.concurrency, args.max_duration,
-                                                epps[t].popen.pid, idle[t])
+                        if args.client_procs > 1:
+                            sat = await closed_loop_processes(clients[t].url, bodies, args.concurrency,
+                                                              args.max_duration, args.client_procs,
+                                                              epps[t].popen.pid, idle[t])
+                        else:
+                            sat = await closed_loop(clients[t], bodies, args.concurrency, args.max_duration,
+                                                    epps[t].popen.pid, idle[t])
                         rows.append({"endpoints": n, "profile": profile, "transport": t, "rate": "max",
                                      "epp": sat, "epp_idle_cpu_ms_per_s": idle[t] * 1e3})
                         print(f"  {n} endpoints, {profile}, {t}: {_cells(rows[-1])}", flush=True)
@@ -293,6 +357,13 @@ def main() -> int:
     ap.add_argument("--max-duration", type=float, default=10.0, help="seconds of the max req/s run (0: skip)")
     ap.add_argument("--concurrency", type=int, default=64, help="clients of the max req/s run")
     ap.add_argument("--prompt-tokens", type=int, default=8192)
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="client processes of the max req/s run (more than one where a core is free for each)")
+    ap.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (each Envoy)")
+    ap.add_argument("--backend-procs", type=int, default=1, help="processes the stub backends are spread over")
+    ap.add_argument("--epp-cpus", default=None,
+                    help="pin each epp to these CPUs (a taskset list, e.g. 0); with the rest of the benchmark "
+                         "run under `taskset -c 1-15`, the epp has a core of its own: its max req/s per process")
     ap.add_argument("--refresh-metrics-interval", default="50ms", help="epp's scrape period (default 50ms)")
     ap.add_argument("--one-at-a-time", action="store_true",
                     help="run one transport's epp at a time (its idle scraping then does not load the other's "
@@ -337,6 +408,8 @@ def main() -> int:
     result = {"prompt_tokens": args.prompt_tokens, "body_bytes": len(bodies[0]), "transports": transports,
               "profiles": profiles, "scheduling": sched, "refresh_metrics_interval": args.refresh_metrics_interval,
               "duration_s": args.duration, "concurrency": args.concurrency, "one_at_a_time": args.one_at_a_time,
+              "client_procs": args.client_procs, "envoy_concurrency": args.envoy_concurrency,
+              "backend_procs": args.backend_procs, "epp_cpus": args.epp_cpus, "cpus": os.cpu_count(),
               "latency": rows}
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2))

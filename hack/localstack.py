@@ -107,9 +107,11 @@ class Processes:
         return proc, hostports
 
     def epp(self, endpoints: str, *extra: str, secure: bool = False, name: str = "epp",
-            ports: dict[str, int] | None = None) -> Proc:
+            ports: dict[str, int] | None = None, cpus: str | None = None) -> Proc:
+        """`epp` on loopback ports; `cpus` (a taskset list such as "0") pins it to those CPUs."""
         ports = ports or {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
-        args = [str(BIN / "epp"), "--host", "127.0.0.1", "--grpc-port", str(ports["grpc"]),
+        pin = ["taskset", "-c", cpus] if cpus else []
+        args = [*pin, str(BIN / "epp"), "--host", "127.0.0.1", "--grpc-port", str(ports["grpc"]),
                 "--grpc-health-port", str(ports["health"]), "--metrics-port", str(ports["metrics"]),
                 f"--secure-serving={'true' if secure else 'false'}", "--endpoints", endpoints, *extra]
         proc = self.spawn(name, args)
@@ -121,7 +123,7 @@ class Processes:
     def envoy(self, epp_port: int, *, secure: bool = False, failure_mode_allow: bool = False,
               pool: list[str] | None = None, request_body_mode: str = "FULL_DUPLEX_STREAMED",
               response_body_mode: str = "FULL_DUPLEX_STREAMED", direct: bool = False,
-              epp_health_port: int | None = None) -> Proc:
+              epp_health_port: int | None = None, concurrency: int = 1) -> Proc:
         """Envoy in front of the EPP (epp_port), or, with direct=True, Envoy alone round-robining over
         `pool` (the baseline an EPP's overhead is measured against). With `epp_health_port`, Envoy
         health-checks the EPP over gRPC (as the reference deployment does), which is what lets a
@@ -134,7 +136,8 @@ class Processes:
         path = self.workdir / f"envoy-{listen}.yaml"
         path.write_text(cfg)
         proc = self.spawn("envoy", [str(envoy_binary()), "-c", str(path), "--log-level", "warning",
-                                    "--base-id", str(listen), "--concurrency", "1", "--disable-hot-restart"])
+                                    "--base-id", str(listen), "--concurrency", str(concurrency),
+                                    "--disable-hot-restart"])
         proc.ports = {"listen": listen, "admin": admin}
         wait_port("127.0.0.1", listen, proc=proc.popen, log=proc.log)
         return proc

@@ -1,17 +1,19 @@
 """The scraper: keeps every endpoint's `Metrics` fresh by polling its metrics page.
 
-One asyncio task per (endpoint, source) GETs the source's URL every `interval_s` (a scrape that overruns
+One scrape loop per (endpoint, source) GETs the source's URL every `interval_s` (a scrape that overruns
 the period is followed at once by the next; missed ticks are not made up) and runs the source's extractors
 on the body; each one's result replaces `endpoint.metrics` (a new immutable snapshot, never a mutation).
 A failed scrape keeps the last good snapshot, so staleness shows as an ageing `metrics.update_time`.
 
-With 64 endpoints at 50 ms that is ~1,300 GETs a second, so the HTTP client is a minimal HTTP/1.1 one
-written on `asyncio.Protocol`: one kept-alive connection per endpoint, request bytes built once,
-Content-Length, chunked and read-until-close bodies, https with or without certificate checks. A kept-alive
-connection the server closed while idle is reopened once without counting an error.
+With 64 endpoints at 50 ms that is ~1,300 GETs a second on the event loop that also serves ext_proc, so
+both halves are built for it. The HTTP client is a minimal HTTP/1.1 one written on `asyncio.Protocol`: one
+kept-alive connection per endpoint, request bytes built once, Content-Length, chunked and read-until-close
+bodies, https with or without certificate checks. A kept-alive connection the server closed while idle is
+reopened once without counting an error. The loops are driven by callbacks (a timer fires the request, the
+answer runs the extractors and arms the next tick), not by a task each: that halves the CPU per scrape.
 
-The pool is followed through `Pool.add_listener`: added endpoints get tasks, removed endpoints' tasks are
-cancelled at once (closing their connections). Outcomes go to the injected callbacks `on_success(endpoint,
+The pool is followed through `Pool.add_listener`: added endpoints get loops, removed endpoints' loops stop
+at once (closing their connections). Outcomes go to the injected callbacks `on_success(endpoint,
 seconds)` / `on_error(endpoint, exc)`; a failure is logged once when an endpoint starts failing and once
 when it recovers, not on every tick.
 """
@@ -21,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from epp.datastore.endpoint import Endpoint
@@ -84,6 +88,20 @@ class _Target:
 
 
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
+# In the header block after the status line ("\r\nName: value" per line): a line with no colon, and the
+# framing fields (matched on the lowercased block; optional whitespace before the colon is tolerated).
+_HEADER_WITHOUT_COLON = re.compile(rb"\r\n([^:\r\n]*)(?=\r\n|\Z)")
+_FRAMING_FIELDS = re.compile(rb"\r\n[ \t]*(content-length|transfer-encoding|connection)[ \t]*:([^\r\n]*)")
+
+
+class _Waiter(Protocol):
+    """What a request's outcome is handed to: an asyncio future, or the scrape loop's `_Request`."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: tuple[int, bytes, bool]) -> None: ...
+
+    def set_exception(self, exc: BaseException) -> None: ...
 
 
 class _Connection(asyncio.Protocol):
@@ -93,7 +111,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.got_bytes = False  # any byte of the current response received
-        self._waiter: asyncio.Future[tuple[int, bytes, bool]] | None = None
+        self._waiter: _Waiter | None = None
         # The response so far: the bytes of the first read as they came (most responses arrive whole, and
         # then are sliced without another copy), a bytearray once a second read has to be appended.
         self._buf: bytes | bytearray = b""
@@ -158,11 +176,12 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def request(self, payload: bytes) -> asyncio.Future[tuple[int, bytes, bool]]:
-        """Send one request; the future resolves to (status, body, keep_alive)."""
+    def request(self, payload: bytes, waiter: _Waiter | None = None) -> _Waiter:
+        """Send one request; `waiter` (a new future if None) gets (status, body, keep_alive) or the error."""
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        self._waiter = waiter = loop.create_future()
+        if waiter is None:
+            waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
         self.got_bytes = False
         self._buf = b""
         self._stage = _HEAD
@@ -216,8 +235,8 @@ class _Connection(asyncio.Protocol):
             raise ScrapeProtocolError("response body larger than 64 MiB")
 
     def _parse_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        status_line = lines[0]
+        eol = head.find(b"\r\n")
+        status_line = head if eol < 0 else head[:eol]
         parts = status_line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
             raise ScrapeProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
@@ -230,22 +249,24 @@ class _Connection(asyncio.Protocol):
         length: int | None = None
         chunked = False
         connection = b""
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise ScrapeProtocolError(f"malformed response header line {line[:80]!r}")
-            name = name.strip().lower()
-            if name == b"content-length":
-                try:
-                    length = int(value.strip())
-                except ValueError:
-                    raise ScrapeProtocolError(f"bad Content-Length {value.strip()[:40]!r}") from None
-                if length < 0:
-                    raise ScrapeProtocolError(f"bad Content-Length {length}")
-            elif name == b"transfer-encoding":
-                chunked = value.strip().lower().endswith(b"chunked")
-            elif name == b"connection":
-                connection = value.strip().lower()
+        if eol >= 0:
+            fields = head[eol:]  # "\r\nName: value" per header line
+            bad = _HEADER_WITHOUT_COLON.search(fields)
+            if bad is not None:
+                raise ScrapeProtocolError(f"malformed response header line {bad.group(1)[:80]!r}")
+            # Two C-level scans instead of a Python loop over every header line: only three fields matter.
+            for name, value in _FRAMING_FIELDS.findall(fields.lower()):
+                if name == b"content-length":
+                    try:
+                        length = int(value.strip())
+                    except ValueError:
+                        raise ScrapeProtocolError(f"bad Content-Length {value.strip()[:40]!r}") from None
+                    if length < 0:
+                        raise ScrapeProtocolError(f"bad Content-Length {length}")
+                elif name == b"transfer-encoding":
+                    chunked = value.strip().endswith(b"chunked")
+                else:
+                    connection = value.strip()
         self._keep_alive = (b"keep-alive" in connection) if http10 else (b"close" not in connection)
         if status in (204, 304):
             length, chunked = 0, False
@@ -329,8 +350,9 @@ class Scraper:
         self._on_success = on_success
         self._on_error = on_error
         self.clock = clock
-        self._tasks: dict[Endpoint, list[asyncio.Task[None]]] = {}
-        self._dying: set[asyncio.Task[None]] = set()
+        self._loops: dict[Endpoint, list[_EndpointScrape]] = {}
+        self._dying: set[asyncio.Task[None]] = set()  # connecting tasks of stopped loops, until they end
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._ssl: dict[bool, ssl.SSLContext] = {}
         self._running = False
         self._listening = False
@@ -341,31 +363,35 @@ class Scraper:
         return self._running
 
     def tasks(self) -> list[asyncio.Task[None]]:
-        """The live scrape tasks (for tests and introspection)."""
-        live = [t for ts in self._tasks.values() for t in ts]
-        return live + [t for t in self._dying if not t.done()]
+        """The scraper's tasks still running: connections being opened (for tests and introspection)."""
+        live = [lp.connecting for lps in self._loops.values() for lp in lps if lp.connecting is not None]
+        return [t for t in live if not t.done()] + [t for t in self._dying if not t.done()]
+
+    def scraping(self) -> list[tuple[str, int]]:
+        """(endpoint name, source index) of every scrape loop running, in start order."""
+        return [(ep.name, lp.index) for ep, lps in self._loops.items() for lp in lps if not lp.stopped]
 
     async def start(self) -> None:
         if self._running:
             return
+        self.loop = asyncio.get_running_loop()
         self._running = True
         if not self._listening:
             self._listening = True
             self.pool.add_listener(self._on_pool_change)  # calls back at once with the current endpoints
         for ep in self.pool.endpoints:
-            if ep not in self._tasks:
+            if ep not in self._loops:
                 self._spawn(ep)
 
     async def stop(self) -> None:
-        """Cancel every scrape task and wait for them (each closes its connection)."""
+        """Stop every scrape loop at once (each closes its connection) and wait for their connecting tasks."""
         self._running = False
         if self._listening:
             self._listening = False
             self.pool.remove_listener(self._on_pool_change)
-        tasks = [t for ts in self._tasks.values() for t in ts] + list(self._dying)
-        self._tasks.clear()
-        for t in tasks:
-            t.cancel()
+        tasks = [t for lps in self._loops.values() for lp in lps if (t := lp.stop()) is not None]
+        tasks += list(self._dying)
+        self._loops.clear()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._dying.clear()
@@ -376,20 +402,22 @@ class Scraper:
         if not self._running:
             return
         for ep in removed:
-            for task in self._tasks.pop(ep, ()):
-                task.cancel()
-                self._dying.add(task)
-                task.add_done_callback(self._dying.discard)
+            for lp in self._loops.pop(ep, ()):
+                task = lp.stop()
+                if task is not None and not task.done():
+                    self._dying.add(task)
+                    task.add_done_callback(self._dying.discard)
         for ep in added:
-            if ep not in self._tasks:
+            if ep not in self._loops:
                 self._spawn(ep)
 
     def _spawn(self, ep: Endpoint) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks[ep] = [
-            loop.create_task(_EndpointScrape(self, ep, src, extractors).run(), name=f"scrape:{ep.name}:{i}")
-            for i, (src, extractors) in enumerate(self.sources)
+        assert self.loop is not None
+        loops = self._loops[ep] = [
+            _EndpointScrape(self, ep, src, extractors, i) for i, (src, extractors) in enumerate(self.sources)
         ]
+        for lp in loops:
+            lp.start(self.loop)
 
     # -- shared helpers for the per-endpoint loops
 
@@ -423,85 +451,245 @@ class Scraper:
             log.exception("the scraper's %s callback raised (logged once; scraping goes on)", which)
 
 
-class _EndpointScrape:
-    """The loop scraping one endpoint with one source."""
+class _Request:
+    """The waiter of one request on a connection: forwards the outcome to its scrape loop, unless that loop
+    has moved on (timed out, stopped) by the time the connection answers."""
 
-    __slots__ = ("scraper", "ep", "source", "extractors", "target", "conn", "failing", "failures")
+    __slots__ = ("loop", "pending")
+
+    def __init__(self, loop: _EndpointScrape) -> None:
+        self.loop = loop
+        self.pending = True
+
+    def done(self) -> bool:
+        return not self.pending
+
+    def set_result(self, result: tuple[int, bytes, bool]) -> None:
+        if self.pending:
+            self.pending = False
+            self.loop.answered(self, result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if self.pending:
+            self.pending = False
+            self.loop.broke(self, exc)
+
+
+class _EndpointScrape:
+    """The loop scraping one endpoint with one source, driven by callbacks rather than a task: a timer fires
+    the request on the kept-alive connection, the connection's answer runs the extractors and arms the timer
+    for the next tick. (A task per endpoint, sleeping and awaiting futures, cost about twice the CPU per
+    scrape.) Only opening a connection runs as a task, named `scrape:<endpoint>:<source index>`."""
+
+    __slots__ = (
+        "scraper", "ep", "source", "extractors", "index", "target", "conn", "failing", "failures", "timer",
+        "request", "connecting", "next_at", "deadline", "started", "reused", "stopped", "first",
+    )
 
     def __init__(
-        self, scraper: Scraper, ep: Endpoint, source: MetricsSource, extractors: tuple[MetricsExtractor, ...]
+        self,
+        scraper: Scraper,
+        ep: Endpoint,
+        source: MetricsSource,
+        extractors: tuple[MetricsExtractor, ...],
+        index: int,
     ) -> None:
         self.scraper = scraper
         self.ep = ep
         self.source = source
         self.extractors = extractors
+        self.index = index
         self.target: _Target | None = None
         self.conn: _Connection | None = None
         self.failing = False
         self.failures = 0
+        self.timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self.request: _Request | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.next_at = 0.0
+        self.deadline = 0.0
+        self.started = 0.0
+        self.reused = False
+        self.stopped = False
+        self.first = True
 
-    async def run(self) -> None:
-        ep, source = self.ep, self.source
+    # -- lifecycle
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            self.target = _Target(source.url(ep), source.insecure_skip_verify)
+            self.target = _Target(self.source.url(self.ep), self.source.insecure_skip_verify)
         except ValueError as exc:
-            log.error("not scraping %s: %s", ep.name, exc)
-            self.scraper.report_error(ep, exc)
+            log.error("not scraping %s: %s", self.ep.name, exc)
+            self.scraper.report_error(self.ep, exc)
+            self.stopped = True
             return
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        next_at = loop.time()
-        first = True
-        try:
-            while True:
-                await self.scrape_once()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError  # a cancellation some awaited code swallowed
-                interval = source.interval_s
-                if first:
-                    # Endpoints added together would otherwise be scraped in lockstep: spread their phases.
-                    next_at += interval * random.random()
-                    first = False
-                next_at += interval
-                now = loop.time()
-                if next_at < now:
-                    next_at = now
-                await asyncio.sleep(next_at - now)
-        finally:
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
+        self.next_at = loop.time()
+        self.timer = loop.call_soon(self.fire)
 
-    async def scrape_once(self) -> None:
-        ep = self.ep
-        started = time.perf_counter()
+    def stop(self) -> asyncio.Task[None] | None:
+        """Stop at once: no more ticks, the connection closed; returns the connecting task, if any, which
+        the caller may await."""
+        self.stopped = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.request is not None:
+            self.request.pending = False
+            self.request = None
+        task = self.connecting
+        if task is not None:
+            task.cancel()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        return task
+
+    # -- one scrape
+
+    def fire(self) -> None:
+        self.timer = None
+        if self.stopped:
+            return
+        loop = self.scraper.loop
+        self.started = time.perf_counter()
+        self.deadline = loop.time() + self.source.timeout_s
+        conn = self.conn
+        if conn is None or conn.closed:
+            self.open_then_send()
+        else:
+            self.send(conn, reused=True)
+
+    def send(self, conn: _Connection, *, reused: bool) -> None:
+        assert self.target is not None
+        self.reused = reused
+        self.request = request = _Request(self)
+        loop = self.scraper.loop
+        self.timer = loop.call_at(self.deadline, self.expire)
         try:
-            status, body = await self._get(asyncio.get_running_loop().time() + self.source.timeout_s)
-            if status != 200:
-                assert self.target is not None
-                raise HttpStatusError(self.target.url, status, body)
-            now = self.scraper.clock()
-            for extractor in self.extractors:
-                ep.metrics = extractor.extract(body, ep, now)
+            conn.request(self.target.request, request)
+        except Exception as exc:  # the transport refused the write: a broken connection
+            request.set_exception(exc)
+
+    def open_then_send(self) -> None:
+        self.connecting = self.scraper.loop.create_task(
+            self._open_then_send(), name=f"scrape:{self.ep.name}:{self.index}"
+        )
+
+    async def _open_then_send(self) -> None:
+        try:
+            conn = await self._connect()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and not str(exc):
-                exc = TimeoutError(f"no complete answer within {self.source.timeout_s:g}s")
-            self._failed(exc)
-        else:
-            self.scraper.report_success(ep, time.perf_counter() - started)
-            if self.failing:
-                log.info(
-                    "scraping %s (%s) works again after %d failed scrapes",
-                    ep.name,
-                    self._url(),
-                    self.failures,
-                )
-                self.failing = False
-                self.failures = 0
+            self.connecting = None
+            self.finish_failed(exc)
+            return
+        self.connecting = None
+        if self.stopped:
+            conn.close()
+            return
+        self.conn = conn
+        self.send(conn, reused=False)
 
-    def _failed(self, exc: Exception) -> None:
+    async def _connect(self) -> _Connection:
+        target = self.target
+        assert target is not None
+        loop = self.scraper.loop
+        if target.tls:
+            connecting = loop.create_connection(
+                _Connection,
+                target.host,
+                target.port,
+                ssl=self.scraper.ssl_context(target.insecure),
+                server_hostname=target.host,
+            )
+        else:
+            connecting = loop.create_connection(_Connection, target.host, target.port)
+        # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that races with the connection's own
+        # failure, and stop() would then wait on a task that keeps scraping.
+        async with asyncio.timeout_at(self.deadline):
+            _, proto = await connecting
+        return proto
+
+    def expire(self) -> None:
+        self.timer = None
+        request = self.request
+        if request is None or not request.pending:
+            return
+        request.pending = False
+        self.request = None
+        self.drop_connection()
+        self.finish_failed(TimeoutError(f"no complete answer within {self.source.timeout_s:g}s"))
+
+    # -- the connection's answer (through _Request)
+
+    def answered(self, request: _Request, result: tuple[int, bytes, bool]) -> None:
+        if request is not self.request:
+            return
+        self.request = None
+        self.cancel_timer()
+        status, body, keep_alive = result
+        if not keep_alive and self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if status != 200:
+            assert self.target is not None
+            self.finish_failed(HttpStatusError(self.target.url, status, body))
+            return
+        ep = self.ep
+        try:
+            now = self.scraper.clock()
+            for extractor in self.extractors:
+                ep.metrics = extractor.extract(body, ep, now)
+        except Exception as exc:
+            self.finish_failed(exc)
+            return
+        self.scraper.report_success(ep, time.perf_counter() - self.started)
+        if self.failing:
+            log.info(
+                "scraping %s (%s) works again after %d failed scrapes", ep.name, self._url(), self.failures
+            )
+            self.failing = False
+            self.failures = 0
+        self.schedule_next()
+
+    def broke(self, request: _Request, exc: BaseException) -> None:
+        if request is not self.request:
+            return
+        self.request = None
+        self.cancel_timer()
+        conn = self.conn
+        if (
+            isinstance(exc, ConnectionResetError)
+            and self.reused
+            and conn is not None
+            and not conn.got_bytes
+            and not self.stopped
+        ):
+            # The server closed the idle kept-alive connection as we reused it: reconnect once, same scrape.
+            conn.close()
+            self.conn = None
+            self.open_then_send()
+            return
+        self.drop_connection()
+        self.finish_failed(exc)
+
+    # -- helpers
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def drop_connection(self) -> None:
+        """A timeout or broken response leaves the connection's state unknown: never reuse it."""
+        if self.conn is not None:
+            self.conn.abort()
+            self.conn = None
+
+    def finish_failed(self, exc: BaseException) -> None:
+        if self.stopped:
+            return
         ep = self.ep
         self.failures += 1
         self.scraper.report_error(ep, exc)
@@ -521,69 +709,22 @@ class _EndpointScrape:
                 exc,
                 kept,
             )
+        self.schedule_next()
+
+    def schedule_next(self) -> None:
+        if self.stopped:
+            return
+        loop = self.scraper.loop
+        interval = self.source.interval_s
+        if self.first:
+            # Endpoints added together would otherwise be scraped in lockstep: spread their phases.
+            self.next_at += interval * random.random()
+            self.first = False
+        self.next_at += interval
+        now = loop.time()
+        if self.next_at < now:
+            self.next_at = now  # an overrun: the next scrape at once, missed ticks not made up
+        self.timer = loop.call_at(self.next_at, self.fire)
 
     def _url(self) -> str:
         return self.target.url if self.target is not None else "?"
-
-    async def _get(self, deadline: float) -> tuple[int, bytes]:
-        """GET the target by `deadline` (loop time): (status, body). Raises TimeoutError past it."""
-        target = self.target
-        assert target is not None
-        conn = self.conn
-        reused = conn is not None and not conn.closed
-        try:
-            if not reused:
-                conn = self.conn = await self._connect(target, deadline)
-            assert conn is not None
-            try:
-                status, body, keep_alive = await _until(conn.request(target.request), deadline)
-            except ConnectionResetError:
-                if not reused or conn.got_bytes:
-                    raise
-                # The server closed the idle kept-alive connection as we reused it: reconnect once.
-                conn.close()
-                conn = self.conn = await self._connect(target, deadline)
-                status, body, keep_alive = await _until(conn.request(target.request), deadline)
-        except BaseException:
-            # Timeout, cancellation, protocol error: the connection's state is unknown, never reuse it.
-            if self.conn is not None:
-                self.conn.abort()
-                self.conn = None
-            raise
-        if not keep_alive:
-            conn.close()
-            self.conn = None
-        return status, body
-
-    async def _connect(self, target: _Target, deadline: float) -> _Connection:
-        loop = asyncio.get_running_loop()
-        if target.tls:
-            connecting = loop.create_connection(
-                _Connection,
-                target.host,
-                target.port,
-                ssl=self.scraper.ssl_context(target.insecure),
-                server_hostname=target.host,
-            )
-        else:
-            connecting = loop.create_connection(_Connection, target.host, target.port)
-        # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that races with the connection's own
-        # failure, and stop() would then wait on a task that keeps scraping.
-        async with asyncio.timeout_at(deadline):
-            _, proto = await connecting
-        return proto
-
-
-def _expire(fut: asyncio.Future[tuple[int, bytes, bool]]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
-async def _until(fut: asyncio.Future[tuple[int, bytes, bool]], deadline: float) -> tuple[int, bytes, bool]:
-    """Await a response future, failing it with TimeoutError at `deadline`. Cheaper per scrape than
-    `asyncio.timeout()`: one timer handle, no task cancellation."""
-    timer = asyncio.get_running_loop().call_at(deadline, _expire, fut)
-    try:
-        return await fut
-    finally:
-        timer.cancel()

@@ -328,11 +328,11 @@ async def test_added_endpoints_are_scraped_and_removed_ones_stop_at_once(servers
         ep_b = b.endpoint("pod-b")
         pool.replace([ep_a, ep_b])
         await eventually(lambda: ep_b.metrics.waiting_queue_size == 2)
-        assert {t.get_name().split(":")[1] for t in scrape_tasks()} == {"pod-a", "pod-b"}
+        assert {name for name, _ in scraper.scraping()} == {"pod-a", "pod-b"}
 
         pool.replace([ep_a])
         await eventually(lambda: b.open_connections == 0)
-        assert [t.get_name().split(":")[1] for t in scrape_tasks()] == ["pod-a"]
+        assert [name for name, _ in scraper.scraping()] == ["pod-a"]
         seen = b.requests
         before_a = a.requests
         await asyncio.sleep(0.1)
@@ -350,13 +350,17 @@ async def test_stop_leaves_no_task_running_and_closes_every_connection(servers):
     await scraper.start()
     await eventually(lambda: a.requests >= 2 and b.requests >= 2)
     await scraper.stop()
+    assert scraper.scraping() == []
     assert scrape_tasks() == []
     assert scraper.tasks() == []
     await eventually(lambda: a.open_connections == 0 and b.open_connections == 0)
     # After stop, pool changes start nothing.
+    seen = a.requests
     pool.replace([a.endpoint("pod-c")])
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
+    assert scraper.scraping() == []
     assert scrape_tasks() == []
+    assert a.requests == seen
 
 
 async def test_stop_during_a_slow_scrape_returns_promptly(servers):
@@ -417,7 +421,7 @@ async def test_a_raising_callback_does_not_stop_scraping(servers):
         await scraper.stop()
 
 
-async def test_each_source_gets_its_own_task_and_extractors(servers):
+async def test_each_source_gets_its_own_loop_and_extractors(servers):
     server = await servers()
     server.set(waiting=2)
     seen: list[bytes] = []
@@ -438,7 +442,7 @@ async def test_each_source_gets_its_own_task_and_extractors(servers):
     await scraper.start()
     try:
         await eventually(lambda: ep.metrics.waiting_queue_size == 2 and len(seen) >= 2)
-        assert sorted(t.get_name() for t in scrape_tasks()) == ["scrape:pod-a:0", "scrape:pod-a:1"]
+        assert sorted(scraper.scraping()) == [("pod-a", 0), ("pod-a", 1)]
         assert seen[0] == server.page
         assert rec.errors == []
     finally:
