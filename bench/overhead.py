@@ -66,10 +66,25 @@ def pct(values: list[float], q: float) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """utime + stime of a process and of its live children (epp's scrape worker), in seconds (fields 14 and
+    15 of /proc/<pid>/stat)."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(x) for x in fh.read().split()]
+    except FileNotFoundError:
+        return []
 
 
 def summarize(latencies: list[float], sent: int, errors: int, elapsed: float) -> dict:
@@ -304,7 +319,8 @@ async def run_pool(n: int, profiles: list[str], transports: list[str], args, bod
                 for t in group:
                     epp = procs.epp(",".join(backends), "--transport", t, "--config-file",
                                     str(PROFILES / f"{profile}.yaml"), "--refresh-metrics-interval",
-                                    args.refresh_metrics_interval, name=f"epp-{n}-{profile}-{t}",
+                                    args.refresh_metrics_interval, "--metrics-scraper", args.metrics_scraper,
+                                    name=f"epp-{n}-{profile}-{t}",
                                     cpus=args.epp_cpus)
                     envoy = procs.envoy(epp.ports["grpc"], response_body_mode=args.response_body_mode,
                                         concurrency=args.envoy_concurrency)
@@ -357,6 +373,8 @@ def main() -> int:
     ap.add_argument("--max-duration", type=float, default=10.0, help="seconds of the max req/s run (0: skip)")
     ap.add_argument("--concurrency", type=int, default=64, help="clients of the max req/s run")
     ap.add_argument("--prompt-tokens", type=int, default=8192)
+    ap.add_argument("--metrics-scraper", choices=("worker", "inline"), default="worker",
+                    help="epp's --metrics-scraper; epp CPU always counts the scrape worker process too")
     ap.add_argument("--client-procs", type=int, default=1,
                     help="client processes of the max req/s run (more than one where a core is free for each)")
     ap.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (each Envoy)")
@@ -410,6 +428,7 @@ def main() -> int:
               "duration_s": args.duration, "concurrency": args.concurrency, "one_at_a_time": args.one_at_a_time,
               "client_procs": args.client_procs, "envoy_concurrency": args.envoy_concurrency,
               "backend_procs": args.backend_procs, "epp_cpus": args.epp_cpus, "cpus": os.cpu_count(),
+              "metrics_scraper": args.metrics_scraper,
               "latency": rows}
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2))

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from epp.config import EppConfig
 from epp.datalayer.scraper import Scraper
+from epp.datalayer.worker import ScrapeWorker
 from epp.datastore.models import ModelPolicy
 from epp.datastore.pool import Pool
 from epp.director import Director, DirectorOptions
@@ -39,6 +40,9 @@ class ServeOptions:
     objectives: dict[str, int] = field(default_factory=dict)
     metrics_staleness_s: float = 2.0
     transport: str = "fast"  # ext_proc transport: "fast" (epp/extproc/h2), or "grpcio"
+    metrics_scraper: str = "worker"  # "worker": scrape in a child process (epp/datalayer/worker.py); "inline"
+    log_level: str = "info"  # for the scrape worker process
+    log_format: str = "text"
 
 
 class EppApp:
@@ -65,7 +69,14 @@ class EppApp:
                                  options=DirectorOptions(disable_subset_filter=options.disable_subset_filter),
                                  policy=self.policy)
         self.replies = ReplyCache()
-        self.scraper = Scraper(pool, config.data_sources, on_success=None, on_error=self._scrape_error)
+        if options.metrics_scraper == "worker":
+            self.scraper: Scraper | ScrapeWorker = ScrapeWorker(
+                pool, config.data_sources, on_error=self._scrape_error, log_level=options.log_level,
+                log_format=options.log_format)
+        elif options.metrics_scraper == "inline":
+            self.scraper = Scraper(pool, config.data_sources, on_success=None, on_error=self._scrape_error)
+        else:
+            raise ValueError(f"unknown metrics scraper {options.metrics_scraper!r}: use 'worker' or 'inline'")
         self._grpc: grpc.aio.Server | None = None
         self._h2: H2Server | None = None
         self._health: grpc.aio.Server | None = None

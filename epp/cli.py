@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ext_proc transport: 'fast', HTTP/2 and gRPC framing written for Envoy's one ext_proc "
                          "stream (about half the CPU per request of grpcio, measured with bench/overhead.py), "
                          "or grpcio's server; gRPC health stays on grpcio (default fast)")
+    ap.add_argument("--metrics-scraper", choices=["worker", "inline"], default="worker",
+                    help="where model servers' metrics are scraped: 'worker', a child process that hands back "
+                         "finished snapshots (keeps ~1,300 GETs/s at 64 pods off the serving event loop), or "
+                         "'inline', on the serving event loop (one process)")
     ap.add_argument("--refresh-metrics-interval", type=_duration, default=None,
                     help="how often each model server's /metrics is scraped (default 50ms, or the "
                          "metrics-data-source plugin's interval)")
@@ -241,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         max_request_body_bytes=args.max_request_body_bytes,
         disable_subset_filter=args.disable_endpoint_subset_filter, objectives=objectives,
         metrics_staleness_s=args.metrics_staleness_threshold, transport=args.transport,
+        metrics_scraper=args.metrics_scraper, log_level=args.log_level, log_format=args.log_format,
     )
     try:
         import uvloop
