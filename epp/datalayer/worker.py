@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import pickle
@@ -367,6 +368,8 @@ async def _child_main() -> None:
     out, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(wire, "wb", 0))
     child = _Child(loop, out)  # type: ignore[arg-type]
     await loop.connect_read_pipe(lambda: _FromParent(child), os.fdopen(os.dup(0), "rb", 0))
+    gc.collect()
+    gc.freeze()  # as epp does after startup: full collections then skip the imported modules
     await child.done  # the parent closed our stdin (it stops, or it died)
     if child.scraper is not None:
         await child.scraper.stop()

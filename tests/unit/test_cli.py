@@ -56,3 +56,21 @@ def test_go_style_flag_values(flag, value, expected):
 def test_defaults_match_the_reference_epp():
     args = build_parser().parse_args([])
     assert (args.grpc_port, args.grpc_health_port, args.metrics_port, args.secure_serving) == (9002, 9003, 9090, True)
+
+
+def test_startup_objects_are_frozen_out_of_the_garbage_collectors_full_passes():
+    import gc
+
+    from epp.cli import freeze_startup_objects
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    built_at_startup = [Cycle() for _ in range(100)]
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() >= 100
+        assert not any(gc.is_tracked(o) and o in gc.get_objects(generation=2) for o in built_at_startup[:3])
+    finally:
+        gc.unfreeze()
