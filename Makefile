@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # torch: the CPU build (a plain `pip install torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv tools test test-unit test-integration demo lint lint-charts bench bench-overhead bench-pd bench-slo clean
+.PHONY: venv tools test test-unit test-integration demo lint lint-charts bench bench-overhead bench-extproc bench-pd bench-slo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench: venv $(VENV)/.bench-installed
 
 bench-overhead: venv
 	$(PY) -m bench.overhead
+
+# One epp process alone on CPU 0, driven over ext_proc as Envoy drives it (no Envoy): its own latency,
+# CPU per request and max req/s, per transport (bench/extproc_load.py).
+bench-extproc: venv
+	$(PY) -m bench.extproc_load
 
 # Disaggregated prefill/decode vs aggregated serving on a prefill-heavy workload (bench/pd.py).
 bench-pd: venv
