@@ -76,7 +76,6 @@ class Director:
         self._timer = metrics.observe_plugin
         self._timing_countdown = 0
         self._debug = log.isEnabledFor(logging.DEBUG)
-        self._scheduled_ok = metrics.scheduler_attempts.labels("success")
         self.response_body_readers = config.response_body_readers
         self._owned_headers = config.owned_request_headers
         self._warned_no_response_body = False
@@ -162,11 +161,12 @@ class Director:
         ep = endpoints[0]
         ep.in_flight += 1
         ep.in_flight_tokens += routed.tokens_estimate
-        self._scheduled_ok.inc()
-        self.metrics.scheduler_e2e.observe(perf_counter() - t0)
+        metrics = self.metrics
+        metrics.count_scheduled()
+        metrics.observe_scheduler_e2e(perf_counter() - t0)
         series.request(request.priority)
-        series.request_sizes.observe(request.size_bytes)
-        series.running.inc()
+        series.observe_request_size(request.size_bytes)
+        series.running_inc()
         routed.series = series
         if self._debug:
             log.debug("routed request %s model=%s target=%s to %s (candidates=%d, %.3f ms)", request_id,

@@ -31,3 +31,11 @@ class KVCacheUtilizationScorer:
         self, state: CycleState, request: LLMRequest, endpoints: list[Endpoint]
     ) -> dict[Endpoint, float]:
         return {ep: 1.0 - ep.metrics.kv_cache_usage_percent for ep in endpoints}
+
+    def score_values(self, state: CycleState, request: LLMRequest, endpoints: list[Endpoint]) -> list[float]:
+        """`score()` as a list aligned with `endpoints`, clamped to [0, 1] as the scheduler clamps (NaN and
+        non-positive scores are 0.0)."""
+        return [
+            s if 0.0 <= (s := 1.0 - ep.metrics.kv_cache_usage_percent) <= 1.0 else (1.0 if s > 1.0 else 0.0)
+            for ep in endpoints
+        ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -75,8 +75,31 @@ class MaxScorePicker:
             i = j
         return ProfileResult(tuple(picked))
 
+    def pick_values(
+        self, state: CycleState, endpoints: Sequence[Endpoint], totals: Sequence[float]
+    ) -> ProfileResult:
+        """`pick(state, dict(zip(endpoints, totals)))`, without building the dict when the answer is the one
+        first maximum (see `_best`): then an endpoint listed twice (the dict would keep it once, with the same
+        score) changes nothing either, since the walk draws nothing and ignores scores below the maximum."""
+        if self.max_num_of_endpoints == 1 and totals:
+            top = max(totals)
+            i = totals.index(top)
+            if totals.count(top) == 1 and len(set(totals[:i])) == i:
+                return ProfileResult((endpoints[i],))
+        return self.pick(state, dict(zip(endpoints, totals, strict=True)))
+
     def _best(self, scores: Mapping[Endpoint, float]) -> Endpoint:
-        """The top endpoint; among `k` tied ones each wins with probability 1/k (reservoir sampling)."""
+        """The top endpoint; among `k` tied ones each wins with probability 1/k (reservoir sampling).
+
+        The walk below draws a random number only at a score equal to the best one before it. So when the
+        first maximum is the only one and the scores before it are all different, it draws none and ends on
+        that first maximum, which `max` and `index` find at C speed: the same endpoint, and the same state of
+        `rng` afterwards."""
+        values = list(scores.values())
+        top = max(values)
+        i = values.index(top)
+        if values.count(top) == 1 and len(set(values[:i])) == i:
+            return list(scores)[i]
         rand = self.rng.random
         it = iter(scores.items())
         best, best_score = next(it)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -24,6 +25,33 @@ def min_max_scores(endpoints: Sequence[Endpoint], values: Sequence[float]) -> di
     return {ep: (hi - v) / span for ep, v in zip(endpoints, values, strict=True)}
 
 
+def min_max_values(values: Sequence[float]) -> list[float]:
+    """`min_max_scores` as a list in the order of `values`, clamped to [0, 1] as the scheduler clamps (for
+    `score_values`). Queues take few distinct values, so the extremes are read from the set of them: without
+    NaN or infinities that gives the very objects `min`/`max` of the list give (the first of equal values), and
+    every score is already in [0, 1]; otherwise the list is read as `min_max_scores` reads it, and clamped."""
+    if not values:
+        return []
+    distinct = set(values)
+    try:
+        finite = math.isfinite(sum(distinct))  # no NaN or infinity among the values
+    except OverflowError:  # an int beyond float range: take the general path
+        finite = False
+    if finite:
+        lo = min(distinct)
+        hi = max(distinct)
+    else:
+        lo = min(values)
+        hi = max(values)
+    if hi == lo:
+        return [1.0] * len(values)
+    span = hi - lo
+    scores = [(hi - v) / span for v in values]
+    if finite and math.isfinite(span):
+        return scores
+    return [(s if s < 1.0 else 1.0) if s > 0.0 else 0.0 for s in scores]
+
+
 @register
 class QueueScorer:
     """Scores each candidate by its waiting queue (`vllm:num_requests_waiting`, `metrics.waiting_queue_size`),
@@ -44,3 +72,7 @@ class QueueScorer:
         self, state: CycleState, request: LLMRequest, endpoints: list[Endpoint]
     ) -> dict[Endpoint, float]:
         return min_max_scores(endpoints, [ep.metrics.waiting_queue_size for ep in endpoints])
+
+    def score_values(self, state: CycleState, request: LLMRequest, endpoints: list[Endpoint]) -> list[float]:
+        """`score()` as a list aligned with `endpoints`, clamped to [0, 1] (the scheduler's fast path)."""
+        return min_max_values([ep.metrics.waiting_queue_size for ep in endpoints])

@@ -7,6 +7,8 @@ transport sends bytes as they are and serializes messages."""
 
 from __future__ import annotations
 
+import struct
+
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
@@ -29,7 +31,17 @@ def serialize(reply: Reply) -> bytes:
     return reply if type(reply) is bytes else reply.SerializeToString()
 
 
+# One-byte varints, prebuilt: most lengths in a frame header below a body are under 128.
+_VARINT1 = tuple(bytes((i,)) for i in range(0x80))
+
+
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _VARINT1[n]
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    if n < 0x200000:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -38,26 +50,65 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+# Frame heads whose five lengths (body, and the four messages around it) all take 2 or all take 3 varint
+# bytes: the common body sizes, packed in one call.
+_HEAD2 = struct.Struct("<15B")
+_HEAD3 = struct.Struct("<20B")
+
+
 def _streamed_frame(body: bytes | memoryview, end_of_stream: bool, response: bool) -> bytes:
     """The serialized ProcessingResponse{request_body|response_body: BodyResponse{response: CommonResponse{
-    body_mutation: BodyMutation{streamed_response: StreamedBodyResponse{body, end_of_stream}}}}}."""
+    body_mutation: BodyMutation{streamed_response: StreamedBodyResponse{body, end_of_stream}}}}}, built with
+    one copy of the body."""
     n = len(body)
+    tag = 0x22 if response else 0x1A
     tail = b"\x10\x01" if end_of_stream else b""  # StreamedBodyResponse.end_of_stream (field 2) = true
-    body_tag = b"\x0a" + _varint(n) if n else b""  # proto3 leaves an empty bytes field out
-    l1 = len(body_tag) + n + len(tail)  # StreamedBodyResponse
-    l2 = 1 + len(_varint(l1)) + l1  # BodyMutation{streamed_response = 3}
-    l3 = 1 + len(_varint(l2)) + l2  # CommonResponse{body_mutation = 3}
-    l4 = 1 + len(_varint(l3)) + l3  # BodyResponse{response = 1}
-    head = b"".join((b"\x22" if response else b"\x1a", _varint(l4), b"\x0a", _varint(l3), b"\x1a", _varint(l2),
-                     b"\x1a", _varint(l1), body_tag))
-    return b"".join((head, body, tail))
+    # Each enclosing message adds its tag byte and its length's varint; with all varints w bytes long:
+    if 0x80 <= n:
+        if n < 0x4000:
+            l1 = n + 3 + len(tail)
+            l4 = l1 + 9
+            if l4 < 0x4000:
+                l2 = l1 + 3
+                l3 = l2 + 3
+                head = _HEAD2.pack(tag, l4 & 0x7F | 0x80, l4 >> 7, 0x0A, l3 & 0x7F | 0x80, l3 >> 7, 0x1A,
+                                   l2 & 0x7F | 0x80, l2 >> 7, 0x1A, l1 & 0x7F | 0x80, l1 >> 7, 0x0A,
+                                   n & 0x7F | 0x80, n >> 7)
+                return b"".join((head, body, tail))
+        else:
+            l1 = n + 4 + len(tail)
+            l4 = l1 + 12
+            if l4 < 0x200000:
+                l2 = l1 + 4
+                l3 = l2 + 4
+                head = _HEAD3.pack(tag, l4 & 0x7F | 0x80, l4 >> 7 & 0x7F | 0x80, l4 >> 14, 0x0A,
+                                   l3 & 0x7F | 0x80, l3 >> 7 & 0x7F | 0x80, l3 >> 14, 0x1A,
+                                   l2 & 0x7F | 0x80, l2 >> 7 & 0x7F | 0x80, l2 >> 14, 0x1A,
+                                   l1 & 0x7F | 0x80, l1 >> 7 & 0x7F | 0x80, l1 >> 14, 0x0A,
+                                   n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14)
+                return b"".join((head, body, tail))
+    # Any other size: lengths one by one.
+    if n:  # proto3 leaves an empty bytes field out
+        body_len = _varint(n)
+        l1 = 1 + len(body_len) + n + len(tail)  # StreamedBodyResponse
+    else:
+        body_len = b""
+        l1 = len(tail)
+    v1 = _varint(l1)
+    l2 = 1 + len(v1) + l1  # BodyMutation{streamed_response = 3}
+    v2 = _varint(l2)
+    l3 = 1 + len(v2) + l2  # CommonResponse{body_mutation = 3}
+    v3 = _varint(l3)  # BodyResponse{response = 1}
+    return b"".join((bytes((tag,)), _varint(1 + len(v3) + l3), b"\x0a", v3, b"\x1a", v2, b"\x1a", v1,
+                     b"\x0a" if n else b"", body_len, body, tail))
 
 
 def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
     """Envoy sends header values in `raw_value` (bytes) or, in older versions, `value`."""
     out: dict[str, str] = {}
     for h in headers.headers.headers:
-        out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        raw = h.raw_value  # a new bytes object on every access: read it once
+        out[h.key] = raw.decode("utf-8", "replace") if raw else h.value
     return out
 
 
@@ -194,6 +245,8 @@ def immediate(status: int, body: bytes, details: str) -> ProcessingResponse:
 def subset_hint(request: ProcessingRequest) -> list[str] | None:
     """The subset hint from `metadata_context` (a list of `ip:port`, or a comma-separated string), or None
     when absent."""
+    if not request.HasField("metadata_context"):  # the common case, and much cheaper to ask
+        return None
     ns = request.metadata_context.filter_metadata.get(SUBSET_NAMESPACE)
     if ns is None or SUBSET_KEY not in ns.fields:
         return None
@@ -207,6 +260,8 @@ def subset_hint(request: ProcessingRequest) -> list[str] | None:
 
 
 def served_endpoint(request: ProcessingRequest) -> str | None:
+    if not request.HasField("metadata_context"):
+        return None
     ns = request.metadata_context.filter_metadata.get(DESTINATION_NAMESPACE)
     if ns is None or SERVED_KEY not in ns.fields:
         return None

@@ -123,14 +123,18 @@ class ExtProcSession:
             raise RequestError(400, "protocol error: request body before request headers")
         if self.finished_request:
             return []
-        chunk = msg.request_body.body
+        request_body = msg.request_body
+        chunk = request_body.body
         if len(self.body) + len(chunk) > self.max_body_bytes:
             raise RequestError(400, f"request body is larger than the EPP's limit of {self.max_body_bytes} bytes "
                                     f"(flag --max-request-body-bytes)")
-        self.body += chunk
-        if not msg.request_body.end_of_stream:
+        if not request_body.end_of_stream:
+            self.body += chunk
             return []
-        return self._route(end_of_stream=True)
+        if self.body:
+            self.body += chunk
+            return self._route(end_of_stream=True)
+        return self._route(end_of_stream=True, body=chunk)  # the whole body in one message: no copy
 
     def _request_trailers(self, msg: p.ProcessingRequest) -> list[p.Reply]:
         if self.headers is None:
@@ -139,10 +143,12 @@ class ExtProcSession:
         out.append(p.request_trailers())
         return out
 
-    def _route(self, end_of_stream: bool) -> list[p.Reply]:
+    def _route(self, end_of_stream: bool, body: bytes | None = None) -> list[p.Reply]:
+        """Route on `body`, or on the body buffered so far when None."""
         assert self.headers is not None
-        body = bytes(self.body)
-        self.body = bytearray()
+        if body is None:
+            body = bytes(self.body)
+            self.body = bytearray()
         t0 = perf_counter()
         routed = self.director.route(self.headers, body, self.request_id, self.subset, self.start)
         self.routed = routed
@@ -150,7 +156,8 @@ class ExtProcSession:
         if routed.model_rewritten:
             target, model = routed.request.target_model.encode(), routed.request.model.encode()
             self._model_swap = [(pat % target, pat % model) for pat in _REWRITE_PATTERNS]
-        destination = ",".join(e.hostport for e in routed.endpoints)
+        endpoints = routed.endpoints
+        destination = endpoints[0].hostport if len(endpoints) == 1 else ",".join(e.hostport for e in endpoints)
         extra = routed.result.headers if routed.result is not None else {}
         remove = routed.remove_headers
         rewritten = routed.body is not body
@@ -163,7 +170,7 @@ class ExtProcSession:
             else:
                 out = [self.replies.request_headers_routed(destination)]
             out.extend(p.streamed_chunks(routed.body, end_of_stream, response=False))
-        self.director.metrics.request_overhead.observe(perf_counter() - t0)
+        self.director.metrics.observe_request_overhead(perf_counter() - t0)
         return out
 
     def _reject(self, status: int, message: str) -> list[p.Reply]:

@@ -4,12 +4,15 @@ One `EppMetrics` per process, holding its own CollectorRegistry (no global regis
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.values import MutexValue
 
 from epp import __version__
 from epp.datastore.pool import Pool
@@ -20,6 +23,64 @@ _FAST_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002
 PLUGIN_TIMING_SAMPLE = 16
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 _SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+
+
+# The per-request series below are updated through `incrementer` and `observer`: the same changes to the
+# exposed values as prometheus_client's `inc`/`observe`, with its per-call checks done once. Where the value
+# is prometheus_client's in-process MutexValue, the float is updated directly instead of under its lock: those
+# series are written only from the event loop (the request path), and the lock guards only against writers
+# in other threads; readers still take it, and see the value before or after an update, as with the lock.
+
+
+def _plain(value: Any) -> bool:
+    """Whether `value` is prometheus_client's in-process MutexValue holding a float (updated directly)."""
+    return type(value) is MutexValue and isinstance(getattr(value, "_value", None), float)
+
+
+def incrementer(metric: Any) -> Callable[[], None]:
+    """`metric.inc()` for a Counter or Gauge child (or one without labels)."""
+    value = getattr(metric, "_value", None)
+    if value is None or not metric._is_observable() or not callable(getattr(value, "inc", None)):
+        return metric.inc
+    if _plain(value):
+
+        def inc() -> None:
+            value._value += 1.0
+
+        return inc
+    return partial(value.inc, 1)
+
+
+def observer(histogram: Any) -> Callable[[float], None]:
+    """`histogram.observe` for a Histogram child (or one without labels): the same effect on the exposed
+    samples (the sum, and one count in the first bucket whose upper bound is >= the amount; none for NaN),
+    with the bucket found by bisection instead of prometheus_client's scan of every bound."""
+    try:
+        bounds = tuple(histogram._upper_bounds)
+        buckets = tuple(histogram._buckets)
+        total = histogram._sum
+    except AttributeError:
+        return histogram.observe
+    if not histogram._is_observable() or len(bounds) != len(buckets) or list(bounds) != sorted(bounds):
+        return histogram.observe
+    count = len(bounds)
+    if _plain(total) and all(_plain(b) for b in buckets):
+
+        def observe(amount: float) -> None:
+            total._value += amount
+            i = bisect_left(bounds, amount)
+            if i < count and amount <= bounds[i]:
+                buckets[i]._value += 1.0
+
+        return observe
+
+    def observe_locked(amount: float) -> None:
+        total.inc(amount)
+        i = bisect_left(bounds, amount)
+        if i < count and amount <= bounds[i]:
+            buckets[i].inc(1)
+
+    return observe_locked
 
 
 class EppMetrics:
@@ -75,8 +136,12 @@ class EppMetrics:
         self.info = Gauge("inference_extension_info", "EPP build information.", ["commit", "build_ref"], registry=r)
         self.info.labels(commit="", build_ref=__version__).set(1)
         r.register(_PoolCollector(self))
-        self._plugin_children: dict[tuple[str, int], object] = {}
+        self._plugin_children: dict[tuple[str, int], Callable[[float], None]] = {}
         self._model_series: dict[tuple[str, str], ModelSeries] = {}
+        # The per-request updates, bound once (see `incrementer` and `observer`).
+        self.observe_scheduler_e2e = observer(self.scheduler_e2e)
+        self.observe_request_overhead = observer(self.request_overhead)
+        self.count_scheduled = incrementer(self.scheduler_attempts.labels("success"))
 
     def model_series(self, model: str, target: str) -> ModelSeries:
         """The per-model children, looked up once per (model, target) pair rather than per request."""
@@ -104,12 +169,12 @@ class EppMetrics:
 
     def observe_plugin(self, extension_point: str, plugin: object, seconds: float) -> None:
         key = (extension_point, id(plugin))
-        child = self._plugin_children.get(key)
-        if child is None:
-            child = self.plugin_duration.labels(extension_point, getattr(plugin, "type", type(plugin).__name__),
-                                                getattr(plugin, "name", ""))
-            self._plugin_children[key] = child
-        child.observe(seconds)
+        observe = self._plugin_children.get(key)
+        if observe is None:
+            observe = observer(self.plugin_duration.labels(
+                extension_point, getattr(plugin, "type", type(plugin).__name__), getattr(plugin, "name", "")))
+            self._plugin_children[key] = observe
+        observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -118,7 +183,7 @@ class EppMetrics:
 @dataclass(slots=True)
 class ModelSeries:
     labels: tuple[str, str]
-    requests: dict[int, Any]  # priority -> request_total child
+    requests: dict[int, Callable[[], None]]  # priority -> its request_total child's increment
     request_total: Counter
     errors: dict[str, Any]  # error code -> request_error_total child
     error_total: Counter
@@ -130,12 +195,19 @@ class ModelSeries:
     output_tokens: Any
     cached_tokens: Any
     running: Any
+    # request_sizes.observe and running.inc for the request path, bound once (see `observer`, `incrementer`).
+    observe_request_size: Callable[[float], None] = field(init=False, repr=False, compare=False)
+    running_inc: Callable[[], None] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.observe_request_size = observer(self.request_sizes)
+        self.running_inc = incrementer(self.running)
 
     def request(self, priority: int) -> None:
-        child = self.requests.get(priority)
-        if child is None:
-            child = self.requests[priority] = self.request_total.labels(*self.labels, str(priority))
-        child.inc()
+        inc = self.requests.get(priority)
+        if inc is None:
+            inc = self.requests[priority] = incrementer(self.request_total.labels(*self.labels, str(priority)))
+        inc()
 
     def error(self, code: str) -> None:
         child = self.errors.get(code)

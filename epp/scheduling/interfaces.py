@@ -38,7 +38,11 @@ class Filter(Protocol):
 @runtime_checkable
 class Scorer(Protocol):
     """Scores each endpoint in [0, 1] (higher is better). Out-of-range scores are clamped by the
-    scheduler; endpoints missing from the result score 0."""
+    scheduler; endpoints missing from the result score 0.
+
+    Optional, for the hot path: `score_values(state, request, endpoints) -> list[float]`, the scores of
+    `endpoints` in their order, already clamped to [0, 1] (NaN as 0). When a scorer has it, the scheduler
+    calls it instead of `score` (saving a dict per scorer per request); both must agree."""
 
     def score(self, state: CycleState, request: LLMRequest, endpoints: list[Endpoint]) -> Mapping[Endpoint, float]: ...
 
@@ -46,7 +50,10 @@ class Scorer(Protocol):
 @runtime_checkable
 class Picker(Protocol):
     """Chooses the target endpoints from the candidates and their weighted total scores
-    (`{endpoint: score}`, in candidate order), best first."""
+    (`{endpoint: score}`, in candidate order), best first.
+
+    Optional: `pick_values(state, endpoints, totals)` with the totals as a list aligned with `endpoints`,
+    equal to `pick(state, dict(zip(endpoints, totals)))`; the scheduler prefers it when present."""
 
     def pick(self, state: CycleState, scores: Mapping[Endpoint, float]) -> ProfileResult: ...
 

@@ -16,7 +16,7 @@ from epp.scheduling.types import SchedulingResult
 from plugins.prefix import APPROX_PRODUCER_TYPE, PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo, hashes_key
 from plugins.prefix.hashing import (
     CHARS_PER_TOKEN,
-    block_hashes,
+    BlockHashCache,
     chain_seed,
     max_blocks_to_match,
     user_input_bytes,
@@ -86,6 +86,7 @@ class ApproxPrefixCacheProducer:
         self.name = name
         self.params = params
         self.index = PrefixIndex()
+        self._hasher = BlockHashCache()  # prefixes shared between requests are hashed once
         self._hashes_key = hashes_key(name)
         self._pool = handle.pool
         if params.block_size is not None:
@@ -108,7 +109,7 @@ class ApproxPrefixCacheProducer:
             tuned = endpoints[0].metrics.cache_block_size
             if tuned > 0:
                 block_tokens = tuned
-        hashes = block_hashes(
+        hashes = self._hasher.block_hashes(
             user_input_bytes(request),
             block_tokens * CHARS_PER_TOKEN,
             max_blocks_to_match(block_tokens, p.max_prefix_tokens_to_match, p.max_prefix_blocks_to_match),
@@ -118,14 +119,23 @@ class ApproxPrefixCacheProducer:
         total = len(hashes)
         counts = self.index.match(hashes) if total else {}
         # PrefixMatchInfo is immutable: endpoints with the same match share one instance.
-        infos = {0: PrefixMatchInfo(0, total, block_tokens)}
+        none = PrefixMatchInfo(0, total, block_tokens)
         key = self.name
+        if not counts:
+            for ep in endpoints:
+                ep.attributes[key] = none
+            return
+        infos = {0: none}
         for ep in endpoints:
-            n = counts.get(ep.name, 0)
-            info = infos.get(n)
-            if info is None:
-                info = infos[n] = PrefixMatchInfo(n, total, block_tokens)
-            ep.attributes[key] = info
+            name = ep.name
+            if name in counts:
+                n = counts[name]
+                info = infos.get(n)
+                if info is None:
+                    info = infos[n] = PrefixMatchInfo(n, total, block_tokens)
+                ep.attributes[key] = info
+            else:
+                ep.attributes[key] = none
 
     # -- PreRequest --------------------------------------------------------------------------------------
 

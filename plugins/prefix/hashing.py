@@ -13,6 +13,10 @@ reference EPP chains h_i = xxh64(block_i ‖ h_{i-1}) instead; both make equal h
 the index is private to one EPP, so only determinism matters. Streaming costs half as much per block.
 
 Only full blocks are hashed (a trailing partial block is ignored), at most `max_blocks` of them.
+
+Hashing costs two C calls a block (256 blocks take tens of microseconds), and requests share long prefixes
+(system prompts, earlier turns): `BlockHashCache` remembers the hashes of recently seen prefixes in chunks
+of blocks and returns exactly what `block_hashes` returns, hashing only past the longest remembered prefix.
 """
 
 from __future__ import annotations
@@ -124,14 +128,23 @@ def block_hashes(text: bytes, block_size: int, max_blocks: int, seed: int) -> li
     (0 = no cap). A change in block k changes hashes k, k+1, …; earlier hashes stay the same."""
     if block_size <= 0:
         raise ValueError(f"block size must be positive, got {block_size}")
-    count = len(text) // block_size
+    count = _block_count(len(text), block_size, max_blocks)
+    out: list[int] = []
+    _hash_blocks(xxhash.xxh64(seed.to_bytes(8, "little")), text, 0, block_size, count, out)
+    return out
+
+
+def _block_count(length: int, block_size: int, max_blocks: int) -> int:
+    count = length // block_size
     if max_blocks > 0 and count > max_blocks:
         count = max_blocks
-    out: list[int] = []
+    return count
+
+
+def _hash_blocks(state: Any, text: bytes, offset: int, block_size: int, count: int, out: list[int]) -> None:
+    """Feed `count` blocks of `text` from `offset` to the streaming xxh64 `state`, appending each digest."""
     append = out.append
-    state = xxhash.xxh64(seed.to_bytes(8, "little"))
     update, digest = state.update, state.intdigest
-    offset = 0
     while count > 0:
         n = count if count < _CHUNK else _CHUNK
         for block in _splitter(block_size, n).unpack_from(text, offset):
@@ -139,7 +152,122 @@ def block_hashes(text: bytes, block_size: int, max_blocks: int, seed: int) -> li
             append(digest())
         offset += n * block_size
         count -= n
-    return out
+
+
+_PROBE = 16  # bytes at the end of a chunk that key it among the chunks seen after the same prefix
+
+# A remembered chunk: (its bytes, its hashes, the xxh64 state after it, the chunks seen after it keyed by their
+# last _PROBE bytes). A root (one per seed and block size) has no bytes and no hashes.
+_Node = tuple[bytes, list[int], Any, dict[bytes, Any]]
+
+
+class BlockHashCache:
+    """`block_hashes` with a memory: the prefixes of recent requests are kept as a tree of chunks of
+    `chunk_blocks` blocks, one tree per seed and block size. A request walks the tree while its bytes equal a
+    remembered chunk's (compared in full, so a hit is exact, never a guess from a hash), takes those chunks'
+    hashes, and hashes only the rest, from the xxh64 state stored after the last chunk it found. The result
+    is always equal to `block_hashes(...)`.
+
+    New chunks are remembered only when the first of them was seen before (its last hash, which covers the
+    whole prefix up to it, is noted the first time), so that traffic without shared prefixes pays for one set
+    lookup rather than for copies of bytes it will never see again. Bounded: when more than `max_chunks`
+    chunks (or four times as many noted hashes) are held, that memory is dropped and starts again, which
+    costs less per request than keeping a recency order. A chunk holds chunk_blocks × block size bytes, its
+    hashes and an xxh64 state: about 7.5 KB for 64 blocks of 64 bytes (the default), under 8 MB in all.
+    Used from the event loop only.
+    """
+
+    def __init__(self, max_chunks: int = 1024, chunk_blocks: int = 64) -> None:
+        if max_chunks < 1:
+            raise ValueError(f"max_chunks must be at least 1, got {max_chunks}")
+        if chunk_blocks < 1:
+            raise ValueError(f"chunk_blocks must be at least 1, got {chunk_blocks}")
+        self._max_chunks = max_chunks
+        self._chunk_blocks = chunk_blocks
+        self._roots: dict[tuple[int, int], _Node] = {}
+        self._chunks = 0
+        self._seen: set[int] = set()  # last hashes of chunks seen once
+
+    def __len__(self) -> int:
+        """Chunks (and roots) held."""
+        return self._chunks
+
+    def block_hashes(self, text: bytes, block_size: int, max_blocks: int, seed: int) -> list[int]:
+        """Exactly `block_hashes(text, block_size, max_blocks, seed)`."""
+        if block_size <= 0:
+            raise ValueError(f"block size must be positive, got {block_size}")
+        if type(text) is not bytes:
+            text = bytes(text)
+        count = _block_count(len(text), block_size, max_blocks)
+        per_chunk = self._chunk_blocks
+        size = per_chunk * block_size
+        chunks = count // per_chunk
+        if chunks == 0 or size < _PROBE:
+            return block_hashes(text, block_size, max_blocks, seed)
+        key = (seed, block_size)
+        node = self._roots.get(key)
+        if node is None:
+            if self._chunks >= self._max_chunks:
+                self._clear()
+            self._chunks += 1  # a root counts as a chunk: many seeds (cache salts) must not grow the memory
+            node = self._roots[key] = (b"", [], xxhash.xxh64(seed.to_bytes(8, "little")), {})
+        out: list[int] = []
+        offset = 0
+        done = 0
+        # Walk down while the request's chunks are remembered.
+        while done < chunks:
+            end = offset + size
+            child = node[3].get(text[end - _PROBE : end])
+            if child is None or not text.startswith(child[0], offset):
+                break
+            node = child
+            out += child[1]
+            offset = end
+            done += 1
+        if done == chunks and count == done * per_chunk:
+            return out
+        # Hash the rest from the state after the last chunk found.
+        state = node[2].copy()
+        if done < chunks:
+            update, digest = state.update, state.intdigest
+            append = out.append
+            unpack = _splitter(block_size, per_chunk).unpack_from
+            start = len(out)
+            for block in unpack(text, offset):
+                update(block)
+                append(digest())
+            # The first new chunk's last hash stands for the whole prefix up to it: seen once before, this
+            # request's new chunks are remembered; never seen, it is noted and nothing is kept.
+            seen = self._seen
+            if out[-1] not in seen:
+                if len(seen) >= 4 * self._max_chunks:
+                    seen.clear()
+                seen.add(out[-1])
+                _hash_blocks(state, text, offset + size, block_size, count - (done + 1) * per_chunk, out)
+                return out
+            copy = state.copy
+            while True:
+                if self._chunks >= self._max_chunks:
+                    self._clear()  # what hangs under `node` from now on is unreachable, and dropped with it
+                self._chunks += 1
+                end = offset + size
+                child = (text[offset:end], out[start:], copy(), {})
+                node[3][text[end - _PROBE : end]] = child  # replaces a sibling with the same probe, if any
+                node = child
+                offset = end
+                done += 1
+                if done == chunks:
+                    break
+                start = len(out)
+                for block in unpack(text, offset):
+                    update(block)
+                    append(digest())
+        _hash_blocks(state, text, offset, block_size, count - done * per_chunk, out)
+        return out
+
+    def _clear(self) -> None:
+        self._roots.clear()
+        self._chunks = 0
 
 
 def block_size_chars(block_size_tokens: int) -> int:

@@ -9,6 +9,7 @@ from typing import ClassVar
 from epp.datastore.endpoint import Endpoint
 from epp.request import LLMRequest
 from epp.scheduling.registry import ConfigError, PluginHandle, register
+from epp.scheduling.scheduler import clamped_scores
 from epp.scheduling.types import CycleState
 from plugins.prefix import APPROX_PRODUCER_TYPE, PREFIX_CACHE_MATCH_INFO
 from plugins.prefix.approx_producer import ApproxPrefixParams
@@ -102,3 +103,21 @@ class PrefixCacheScorer:
             else:
                 scores[ep] = ratio
         return scores
+
+    def score_values(
+        self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]
+    ) -> list[float]:
+        """`score()` as a list aligned with `endpoints`, clamped to [0, 1] as the scheduler clamps."""
+        if not self._w:
+            key = self.attribute
+            try:
+                # The plain ratio, clamped inline (most endpoints match nothing: 0 needs no division); an
+                # endpoint without the attribute (None has no total_blocks) takes the general path below.
+                return [
+                    (0.0 if (m := info.match_blocks) == 0 else m / t if 0 <= m <= t else 1.0 if m > t else 0.0)
+                    if (t := (info := ep.attributes.get(key)).total_blocks) > 0 else 0.0
+                    for ep in endpoints
+                ]
+            except AttributeError:
+                pass
+        return clamped_scores(self.score(state, request, endpoints), endpoints)

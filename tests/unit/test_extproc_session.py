@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from epp.extproc.protocol import (
     BODY_CHUNK,
     ReplyCache,
+    _streamed_frame,
     request_headers_routed,
     streamed_body,
     streamed_chunks,
@@ -220,13 +221,26 @@ def test_random_bodies_get_a_route_or_a_4xx_never_an_exception(body, path):
     s.close()
 
 
-@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 61_999, 62_000])
+# Around each change of varint width: of the body length, and of the four lengths around it (up to 12 bytes
+# more), which the 2- and 3-byte fast paths must leave to the general encoding.
+@pytest.mark.parametrize("size", [0, 1, 2, 115, 116, 117, 126, 127, 128, 129, 300, 16_370, 16_371, 16_372, 16_373,
+                                  16_374, 16_375, 16_376, 16_380, 16_383, 16_384, 16_385, 30_000, 61_999, 62_000])
 @pytest.mark.parametrize("end_of_stream", [False, True])
 @pytest.mark.parametrize("response", [False, True])
 def test_hand_encoded_body_frames_equal_the_protobuf_encoding(size, end_of_stream, response):
     body = bytes(range(256)) * (size // 256) + bytes(size % 256)
     (frame,) = streamed_chunks(body, end_of_stream, response)
     assert frame == streamed_body(body, end_of_stream, response).SerializeToString()
+    (frame,) = streamed_chunks(memoryview(body), end_of_stream, response)
+    assert frame == streamed_body(body, end_of_stream, response).SerializeToString()
+
+
+@pytest.mark.parametrize("size", [2_097_133, 2_097_134, 2_097_135, 2_097_136, 2_097_151, 2_097_152, 3_000_000])
+def test_frames_of_bodies_past_three_byte_lengths_equal_the_protobuf_encoding(size):
+    body = b"x" * size  # larger than one streamed chunk: the frame encoder itself
+    for end_of_stream in (False, True):
+        expected = streamed_body(body, end_of_stream, True).SerializeToString()
+        assert _streamed_frame(body, end_of_stream, True) == expected
 
 
 def test_cached_routing_answer_equals_a_fresh_one():

@@ -2,12 +2,21 @@
 profile handler decides which profiles run and which result is primary."""
 
 import math
+import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from epp.datastore.endpoint import Endpoint
 from epp.request import header_only_request
-from epp.scheduling.scheduler import Scheduler, SchedulerProfile, WeightedScorer
+from epp.scheduling.scheduler import (
+    Scheduler,
+    SchedulerProfile,
+    WeightedScorer,
+    clamped_scores,
+    weighted_totals,
+)
 from epp.scheduling.types import ProfileResult, SchedulingError, SchedulingResult
 
 A, B, C = (Endpoint(n, f"10.0.0.{i}", 8000) for i, n in enumerate("abc", 1))
@@ -123,3 +132,86 @@ def test_the_handler_is_asked_until_it_picks_no_profile():
     result = Scheduler(handler, profiles).schedule(REQ, [A, B])
     assert handler.calls == [[], ["first"], ["first", "second"]]
     assert result.primary_profile == "second" and result.target_endpoints == (A,)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The list-based sums equal the previous per-endpoint dict sums, bit for bit
+
+POOL = [Endpoint(f"e{i}", f"10.0.1.{i + 1}", 8000) for i in range(6)]
+_scores = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1.0, 0.5, 1e-300, 2.0, -1.0]),
+    st.integers(min_value=-3, max_value=3),
+)
+
+
+def _reference_totals(columns, endpoints):
+    """How SchedulerProfile.run summed before: a dict per endpoint, positive scores only, clamped at 1."""
+    totals = dict.fromkeys(endpoints, 0.0)
+    for weight, scores in columns:
+        for ep, s in scores.items():
+            if s > 0.0 and ep in totals:
+                totals[ep] += weight if s >= 1.0 else weight * s
+    return totals
+
+
+class ListScorer(FixedScorer):
+    """A scorer offering the fast path: the same scores as a list, clamped."""
+
+    def score_values(self, state, request, endpoints):
+        return clamped_scores(self.score(state, request, endpoints), endpoints)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    columns=st.lists(
+        st.tuples(st.one_of(st.sampled_from([1.0, 2.0, 3.0, 0.0, 0.5, -1.0, math.inf, math.nan]),
+                            st.floats(min_value=-10, max_value=10)),
+                  st.dictionaries(st.sampled_from(POOL), _scores)),
+        max_size=5,
+    ),
+    candidates=st.lists(st.sampled_from(POOL), min_size=1, max_size=8),  # may repeat an endpoint
+    fast=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_totals_equal_the_per_endpoint_sums_bit_for_bit(columns, candidates, fast):
+    picker = RecordingPicker()
+    scorers = [WeightedScorer((ListScorer if f else FixedScorer)(scores), w)
+               for (w, scores), f in zip(columns, fast, strict=False)]
+    SchedulerProfile("p", scorers=scorers, picker=picker).run(None, REQ, list(candidates))
+    expected = _reference_totals(columns, candidates)
+    assert list(picker.seen) == list(expected)
+    for ep, total in expected.items():
+        got = picker.seen[ep]
+        if math.isnan(total):
+            assert math.isnan(got)
+        else:  # equal, and with the same sign when zero
+            assert (got, math.copysign(1, got)) == (total, math.copysign(1, total))
+
+
+def test_weighted_totals_add_in_scorer_order_from_zero():
+    # 0.1 + 0.2 + 0.3 rounds differently from 0.1 + (0.2 + 0.3): the order must be the scorers' order.
+    cols = [(1.0, [0.1]), (1.0, [0.2]), (1.0, [0.3])]
+    assert weighted_totals(cols, 1) == [(0.0 + 0.1) + 0.2 + 0.3]
+    assert weighted_totals([], 2) == [0.0, 0.0]
+    (zero,) = weighted_totals([(-1.0, [0.0])], 1)  # -1 × 0.0 is -0.0; added to 0.0 it is 0.0
+    assert zero == 0.0 and math.copysign(1, zero) == 1
+
+
+def test_a_picker_offering_pick_values_gets_the_same_totals_without_a_dict():
+    class ListPicker(RecordingPicker):
+        def pick_values(self, state, endpoints, totals):
+            self.values = (list(endpoints), list(totals))
+            return self.pick(state, dict(zip(endpoints, totals, strict=True)))
+
+    picker = ListPicker()
+    profile = SchedulerProfile("p", scorers=[WeightedScorer(FixedScorer({A: 0.5, B: 1.0}), 2.0)], picker=picker)
+    assert run(profile).target_endpoints == (B,)
+    assert picker.values == ([A, B, C], [1.0, 2.0, 0.0])
+
+
+def test_a_list_scorer_adds_its_weighted_scores_to_zero():
+    rng = random.Random(5)
+    scores = {ep: rng.random() for ep in POOL}
+    picker = RecordingPicker()
+    SchedulerProfile("p", scorers=[WeightedScorer(ListScorer(scores), 2.0)], picker=picker).run(None, REQ, POOL)
+    assert picker.seen == {ep: 0.0 + 2.0 * s for ep, s in scores.items()}

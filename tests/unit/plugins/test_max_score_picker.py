@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from epp.scheduling import registry
 from epp.scheduling.interfaces import Picker
+from epp.scheduling.registry import PluginHandle
 from epp.scheduling.types import CycleState
-from plugins.max_score_picker import MaxScorePicker
+from plugins.max_score_picker import MaxScorePicker, PickerParams
+
+from .conftest import _endpoint
 
 TYPE = "max-score-picker"
 RUNS = 400
@@ -104,3 +110,57 @@ def test_bad_max_num_of_endpoints_is_a_config_error_naming_the_key(make_plugin, 
 def test_unknown_parameter_is_a_config_error_naming_it(make_plugin):
     with pytest.raises(registry.ConfigError, match="maxEndpoints"):
         make_plugin(TYPE, {"maxEndpoints": 2})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shortcuts pick exactly what the plain walk picks, and leave the random source in the same state
+
+
+def _reservoir(rng: random.Random, scores) -> object:
+    """The plain walk: the first best, replaced by a later tie with probability 1/ties."""
+    it = iter(scores.items())
+    best, best_score = next(it)
+    ties = 1
+    for ep, score in it:
+        if score > best_score:
+            best, best_score, ties = ep, score, 1
+        elif score == best_score:
+            ties += 1
+            if rng.random() * ties < 1.0:
+                best = ep
+    return best
+
+
+_POOL = [_endpoint(f"e{i}") for i in range(8)]
+_totals = st.one_of(st.sampled_from([0.0, -0.0, 0.5, 1.0, 2.0, 3, math.nan, math.inf]), st.floats(0, 4))
+
+
+@settings(max_examples=400, deadline=None)
+@given(per_endpoint=st.lists(_totals, min_size=1, max_size=8), order=st.lists(st.integers(0, 7), min_size=1,
+       max_size=10), seed=st.integers(0, 2**32))
+def test_pick_and_pick_values_equal_the_plain_walk_and_draw_the_same_numbers(per_endpoint, order, seed):
+    # Candidates in some order, an endpoint possibly listed twice (with its one total, as the scheduler sums).
+    endpoints = [_POOL[i % len(per_endpoint)] for i in order]
+    totals = [per_endpoint[i % len(per_endpoint)] for i in order]
+    scores = dict(zip(endpoints, totals, strict=True))  # what pick() is handed: each endpoint once
+    reference = random.Random(seed)
+    expected = _reservoir(reference, scores)
+    for call in ("pick", "pick_values"):
+        picker = MaxScorePicker(TYPE, PickerParams(), PluginHandle())
+        picker.rng = random.Random(seed)
+        if call == "pick":
+            result = picker.pick(CycleState(), scores)
+        else:
+            result = picker.pick_values(CycleState(), endpoints, totals)
+        assert result.endpoints == (expected,)
+        assert picker.rng.getstate() == reference.getstate()
+
+
+def test_pick_values_with_several_endpoints_is_pick_of_the_dict():
+    endpoints, totals = _POOL[:5], [0.5, 0.9, 0.5, 0.1, 0.9]
+    a = MaxScorePicker(TYPE, PickerParams(max_num_of_endpoints=3), PluginHandle())
+    b = MaxScorePicker(TYPE, PickerParams(max_num_of_endpoints=3), PluginHandle())
+    a.rng, b.rng = random.Random(3), random.Random(3)
+    for _ in range(20):
+        expected = b.pick(CycleState(), dict(zip(endpoints, totals, strict=True)))
+        assert a.pick_values(CycleState(), endpoints, totals) == expected

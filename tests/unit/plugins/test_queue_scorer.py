@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from epp.scheduling import registry
 from epp.scheduling.interfaces import Scorer
+from epp.scheduling.registry import NoParams, PluginHandle
+from epp.scheduling.scheduler import clamped_scores
 from epp.scheduling.types import CycleState
 from plugins.queue_scorer import QueueScorer
+
+from .conftest import _endpoint
 
 TYPE = "queue-scorer"
 
@@ -50,3 +56,32 @@ def test_reads_only_the_waiting_queue(make_plugin, endpoint, request_for):
     ]
     scores = make_plugin(TYPE).score(CycleState(), request_for(), endpoints)
     assert {ep.name: s for ep, s in scores.items()} == {"a": 1.0, "b": 0.0}
+
+
+_queues = st.one_of(
+    st.integers(min_value=0, max_value=50),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(queues=st.lists(_queues, max_size=12))
+def test_the_scheduler_fast_path_is_the_clamped_score(queues):
+    endpoints = [_endpoint(f"e{i}", waiting_queue_size=q) for i, q in enumerate(queues)]
+    scorer = QueueScorer(TYPE, NoParams(), PluginHandle())
+    expected = clamped_scores(scorer.score(CycleState(), None, endpoints), endpoints)
+    got = scorer.score_values(CycleState(), None, endpoints)
+    # Equal values, so equal contributions to every total (a -0.0 adds nothing, as a score the clamp drops).
+    assert got == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(queues=st.lists(st.one_of(st.integers(-5, 5), st.sampled_from([0.0, -0.0, 1.0, 2.5, 1e300, -1e300])),
+                       max_size=12))
+def test_with_finite_queues_the_fast_path_gives_the_very_scores_of_score(queues):
+    endpoints = [_endpoint(f"e{i}", waiting_queue_size=q) for i, q in enumerate(queues)]
+    scorer = QueueScorer(TYPE, NoParams(), PluginHandle())
+    scores = list(scorer.score(CycleState(), None, endpoints).values())
+    if all(0.0 <= s <= 1.0 for s in scores):  # nothing for the scheduler to clamp (no overflow to inf)
+        assert [repr(s) for s in scorer.score_values(CycleState(), None, endpoints)] == [repr(s) for s in scores]

@@ -13,7 +13,7 @@ from epp.scheduling.registry import ConfigError
 from epp.scheduling.types import ProfileResult, SchedulingResult
 from plugins.prefix import PrefixMatchInfo, hashes_key
 from plugins.prefix.approx_producer import ApproxPrefixCacheProducer
-from plugins.prefix.hashing import USER_INPUT_KEY
+from plugins.prefix.hashing import USER_INPUT_KEY, block_hashes, chain_seed
 
 from .helpers import BLOCK, chat, completion, make_pool, producer, routed_to, text
 
@@ -299,3 +299,17 @@ def test_prepare_for_an_8k_token_chat_prompt_and_64_endpoints_costs_well_under_a
     assert sorted(info.match_blocks for info in _infos(pool.endpoints).values()) == [0] * 56 + [200] * 8
     per_call = min(timeit.repeat(fresh_prepare, number=20, repeat=5)) / 20
     assert per_call < 0.002, f"prepare took {per_call * 1e6:.0f} µs"
+
+
+def test_requests_repeating_a_long_prefix_get_exactly_the_hashes_of_block_hashes():
+    pool = make_pool(2)
+    p = producer(pool)
+    eps = list(pool.endpoints)
+    shared = text(200, "system")
+    for i in range(4):  # noted, remembered, then found: every time the plain chain
+        req = completion(shared + text(100, f"q{i % 2}"))
+        p.prepare(req, eps)
+        data = req.scratch[USER_INPUT_KEY]
+        assert req.scratch[hashes_key(NAME)] == block_hashes(data, BLOCK, 256, chain_seed("m"))
+        p.pre_request(req, routed_to(eps[i % 2]))
+    assert _infos(eps)["pod-1"].match_blocks == 256  # the last request's chain was learned by pod-1 before

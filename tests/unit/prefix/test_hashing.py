@@ -13,6 +13,7 @@ from epp.request import CHAT_COMPLETIONS, CONVERSATIONS, EMBEDDINGS, RESPONSES, 
 from plugins.prefix.hashing import (
     CHARS_PER_TOKEN,
     USER_INPUT_KEY,
+    BlockHashCache,
     block_hashes,
     block_size_chars,
     chain_seed,
@@ -215,3 +216,95 @@ def test_a_block_of_n_tokens_is_four_characters_per_token():
 def test_conversations_read_the_items_the_parser_keeps_in_input():
     items = [{"type": "message", "content": "y"}]
     assert json.loads(serialise_user_input(_request(CONVERSATIONS, {"items": items}, input=items))) == items
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BlockHashCache: block_hashes with a memory of shared prefixes
+
+
+def _prompts(shared: int, tails: int, tail_len: int, seed: int = 0) -> list[bytes]:
+    head = bytes((i * 7 + seed) % 251 for i in range(shared))
+    return [head + bytes((i * 13 + t * 29 + seed) % 253 for i in range(tail_len)) for t in range(tails)]
+
+
+def test_the_cache_returns_exactly_block_hashes_for_requests_sharing_prefixes():
+    cache = BlockHashCache(chunk_blocks=4)
+    prompts = _prompts(64 * 20, 3, 64 * 9 + 5) * 3  # each prompt three times: noted, remembered, found
+    for text in prompts:
+        assert cache.block_hashes(text, 64, 0, 9) == _reference_chain(text, 64, 9)
+        assert cache.block_hashes(text, 64, 16, 9) == _reference_chain(text, 64, 9)[:16]
+
+
+def test_a_prefix_is_remembered_the_second_time_it_is_seen():
+    cache = BlockHashCache(chunk_blocks=4)
+    text = _prompts(64 * 16, 1, 0)[0]
+    cache.block_hashes(text, 64, 0, 1)
+    assert len(cache) == 1  # only the root: the first chunk's last hash is noted, nothing is kept
+    cache.block_hashes(text, 64, 0, 1)
+    assert len(cache) == 1 + 4  # the root and the four chunks of 4 blocks
+    assert cache.block_hashes(text, 64, 0, 1) == _reference_chain(text, 64, 1)
+    assert len(cache) == 5  # found, nothing added
+
+
+def test_a_prompt_differing_inside_a_remembered_chunk_is_hashed_from_the_chunk_before():
+    cache = BlockHashCache(chunk_blocks=4)
+    text = _prompts(64 * 16, 1, 0)[0]
+    for _ in range(2):
+        cache.block_hashes(text, 64, 0, 1)
+    changed = bytearray(text)
+    changed[64 * 9 + 3] ^= 1  # inside the third chunk (blocks 8-11)
+    assert cache.block_hashes(bytes(changed), 64, 0, 1) == _reference_chain(bytes(changed), 64, 1)
+    assert cache.block_hashes(text, 64, 0, 1) == _reference_chain(text, 64, 1)
+
+
+@pytest.mark.parametrize("other", [dict(seed=2), dict(block=32)], ids=["seed", "block-size"])
+def test_remembered_chunks_are_kept_apart_by_seed_and_block_size(other):
+    cache = BlockHashCache(chunk_blocks=2)
+    text = _prompts(64 * 8, 1, 0)[0]
+    for _ in range(2):
+        cache.block_hashes(text, 64, 0, 1)
+    block, seed = other.get("block", 64), other.get("seed", 1)
+    for _ in range(3):
+        assert cache.block_hashes(text, block, 0, seed) == _reference_chain(text, block, seed)
+
+
+def test_the_memory_is_bounded_and_dropped_when_full():
+    cache = BlockHashCache(max_chunks=6, chunk_blocks=2)
+    for text in _prompts(0, 12, 64 * 8, seed=5) * 2:
+        assert cache.block_hashes(text, 64, 0, 3) == _reference_chain(text, 64, 3)
+        assert len(cache) <= 6
+
+
+def test_non_bytes_input_hashes_like_its_bytes():
+    cache = BlockHashCache(chunk_blocks=2)
+    text = _prompts(64 * 6, 1, 0)[0]
+    for value in (text, bytearray(text), memoryview(text), text):
+        assert cache.block_hashes(value, 64, 0, 4) == _reference_chain(text, 64, 4)
+
+
+def test_the_cache_refuses_what_block_hashes_refuses_and_bad_sizes():
+    with pytest.raises(ValueError, match="block size"):
+        BlockHashCache().block_hashes(b"x" * 100, 0, 0, 0)
+    with pytest.raises(ValueError, match="max_chunks"):
+        BlockHashCache(max_chunks=0)
+    with pytest.raises(ValueError, match="chunk_blocks"):
+        BlockHashCache(chunk_blocks=0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 700), st.binary(max_size=200), st.sampled_from([8, 16, 64]),
+                  st.sampled_from([0, 3, 40]), st.sampled_from([0, 1, 2**64 - 1])),
+        min_size=1, max_size=30,
+    ),
+    heads=st.lists(st.binary(min_size=0, max_size=700), min_size=4, max_size=4),
+    chunk_blocks=st.sampled_from([1, 2, 3, 8]),
+    max_chunks=st.sampled_from([1, 4, 100]),
+)
+def test_the_cache_always_equals_block_hashes(requests, heads, chunk_blocks, max_chunks):
+    cache = BlockHashCache(max_chunks=max_chunks, chunk_blocks=chunk_blocks)
+    for head, cut, tail, block, max_blocks, seed in requests:
+        text = heads[head][:cut] + tail
+        assert cache.block_hashes(text, block, max_blocks, seed) == block_hashes(text, block, max_blocks, seed)
+        assert len(cache) <= max_chunks

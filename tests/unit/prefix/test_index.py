@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,3 +183,153 @@ def test_the_index_agrees_with_the_plain_model_after_any_adds_and_removals(ops, 
     assert idx.size() == len(held)
     for h in range(13):
         assert idx.holders_of(h) == frozenset(ep for ep, lru in model.lrus.items() if h in lru)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against the previous algorithm: the fast paths (walk reuse, deferred touches, bulk holder updates) change
+# nothing observable, holder-set sharing included
+
+
+class _Reference:
+    """The index as it was before its fast paths: one block at a time, every touch applied at once."""
+
+    def __init__(self) -> None:
+        self.holders: dict[int, frozenset[str]] = {}
+        self.lrus: dict[str, OrderedDict[int, None]] = {}
+
+    def match(self, hashes: list[int]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for h in hashes:
+            owners = self.holders.get(h)
+            if owners is None:
+                break
+            for ep in owners:
+                counts[ep] = counts.get(ep, 0) + 1
+        return counts
+
+    def add(self, endpoint: str, hashes: list[int], capacity: int) -> None:
+        lru = self.lrus.setdefault(endpoint, OrderedDict())
+        alone = frozenset((endpoint,))
+        grown: dict[frozenset[str], frozenset[str]] = {}
+        for h in reversed(hashes):
+            if h in lru:
+                lru.move_to_end(h)
+                continue
+            lru[h] = None
+            owners = self.holders.get(h)
+            if owners is None:
+                self.holders[h] = alone
+            else:
+                self.holders[h] = grown.setdefault(owners, owners | alone)
+        excess = len(lru) - capacity
+        if excess > 0:
+            self.drop(endpoint, [lru.popitem(last=False)[0] for _ in range(excess)])
+
+    def remove(self, endpoint: str) -> bool:
+        lru = self.lrus.pop(endpoint, None)
+        if lru is None:
+            return False
+        self.drop(endpoint, list(lru))
+        return True
+
+    def drop(self, endpoint: str, hashes: list[int]) -> None:
+        gone = frozenset((endpoint,))
+        shrunk: dict[frozenset[str], frozenset[str]] = {}
+        for h in hashes:
+            owners = self.holders.get(h)
+            if owners is None:
+                continue
+            rest = shrunk.setdefault(owners, owners - gone)
+            if rest:
+                self.holders[h] = rest
+            else:
+                del self.holders[h]
+
+
+def _sharing(holders: dict[int, frozenset[str]]) -> list[list[int]]:
+    """Which hashes point at the very same holder-set object."""
+    groups: dict[int, list[int]] = {}
+    for h, owners in holders.items():
+        groups.setdefault(id(owners), []).append(h)
+    return sorted(sorted(g) for g in groups.values())
+
+
+_small_chains = st.lists(st.integers(min_value=0, max_value=9), max_size=10)  # repeats and empty chains too
+_ref_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("match"), _small_chains),
+        st.tuples(st.just("match+add"), _small_chains, st.lists(_endpoints, min_size=1, max_size=3),
+                  st.integers(min_value=1, max_value=12)),
+        st.tuples(st.just("add"), _endpoints, _small_chains, st.integers(min_value=1, max_value=12)),
+        st.tuples(st.just("remove"), _endpoints),
+        st.tuples(st.just("hashes_of"), _endpoints),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_ref_ops)
+def test_the_index_behaves_exactly_as_the_previous_algorithm(ops):
+    idx, ref = PrefixIndex(), _Reference()
+    for op in ops:
+        kind = op[0]
+        if kind == "match":
+            assert idx.match(op[1]) == ref.match(op[1])
+        elif kind == "match+add":  # the producer's order: look up, schedule, learn (maybe twice)
+            _, chain, endpoints, capacity = op
+            assert idx.match(chain) == ref.match(chain)
+            for ep in endpoints:
+                idx.add(ep, chain, capacity)
+                ref.add(ep, chain, capacity)
+        elif kind == "add":
+            idx.add(op[1], op[2], op[3])
+            ref.add(op[1], op[2], op[3])
+        elif kind == "remove":
+            assert idx.remove_endpoint(op[1]) == ref.remove(op[1])
+        else:
+            assert idx.hashes_of(op[1]) == list(ref.lrus.get(op[1], ()))
+        assert idx.size() == len(ref.holders)
+        assert idx.entries() == sum(len(lru) for lru in ref.lrus.values())
+    assert idx._holders == ref.holders
+    assert _sharing(idx._holders) == _sharing(ref.holders)
+    assert idx.endpoints() == sorted(ref.lrus)
+    for ep in ref.lrus:
+        assert idx.hashes_of(ep) == list(ref.lrus[ep])
+
+
+def test_a_touch_of_held_blocks_is_applied_in_order_before_anything_reads_or_evicts():
+    idx = PrefixIndex()
+    idx.add("a", [1, 2], capacity=6)
+    idx.add("a", [3, 4], capacity=6)
+    idx.add("a", [5, 6], capacity=6)  # full: [2, 1, 4, 3, 6, 5]
+    idx.add("a", [1, 2], capacity=6)  # touches only
+    idx.add("a", [3, 4], capacity=6)
+    idx.add("a", [1, 2], capacity=6)  # touched again: its first touch no longer matters
+    assert idx.hashes_of("a") == [6, 5, 4, 3, 2, 1]
+    idx.add("a", [3, 4], capacity=6)
+    idx.add("a", [7], capacity=6)  # evicts the least recent after the touches: 6
+    assert idx.hashes_of("a") == [5, 2, 1, 4, 3, 7]
+    assert idx.holders_of(6) == frozenset()
+
+
+def test_chains_ending_in_the_same_hash_keep_their_touch_order():
+    idx = PrefixIndex()
+    idx.add("a", [1, 2, 3], capacity=10)
+    idx.add("a", [9, 3], capacity=10)  # [2, 1, 3, 9] ... then both touched, in this order:
+    idx.add("a", [1, 2, 3], capacity=10)
+    idx.add("a", [9, 3], capacity=10)
+    assert idx.hashes_of("a") == [2, 1, 3, 9]
+
+
+def test_an_add_right_after_a_match_of_the_same_chain_is_exact_whatever_changed_in_between():
+    idx = PrefixIndex()
+    chain = [1, 2, 3]
+    idx.add("a", chain, capacity=10)
+    assert idx.match(chain) == {"a": 3}
+    idx.remove_endpoint("a")  # the walk is stale now
+    idx.add("a", chain, capacity=10)  # must learn the chain again, not take it as already held
+    assert idx.holders_of(1) == frozenset({"a"}) and idx.hashes_of("a") == [3, 2, 1]
+    assert idx.match(chain) == {"a": 3}
+    idx.add("b", [2], capacity=10)
+    assert idx.match(chain) == {"a": 3, "b": 1}  # a remembered walk is not reused after a change

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from epp.datastore.endpoint import Endpoint
 from epp.scheduling.interfaces import Scorer
 from epp.scheduling.registry import ConfigError, PluginHandle, param_key
+from epp.scheduling.scheduler import clamped_scores
 from epp.scheduling.types import CycleState
 from plugins.prefix import PrefixMatchInfo
 from plugins.prefix.approx_producer import ApproxPrefixParams
@@ -250,3 +253,22 @@ def test_a_scorer_reading_another_producer_does_not_pull_in_the_approximate_one(
         "--config-text", PluginHandle(Pool()))
     assert "approx-prefix-cache-producer" not in config.plugins
     assert [p.type for p in config.producers] == ["precise-prefix-cache-producer"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The scheduler's fast path
+
+_infos = st.one_of(
+    st.none(),
+    st.builds(PrefixMatchInfo, st.integers(-2, 12), st.integers(-1, 10), st.sampled_from([1, 16])),
+    st.builds(PrefixMatchInfo, st.floats(allow_nan=True), st.floats(allow_nan=True), st.just(16)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(infos=st.lists(_infos, max_size=10), weight=st.sampled_from([0.0, 0.0, 0.4, 1.0]))
+def test_score_values_are_the_scores_clamped_as_the_scheduler_clamps(infos, weight):
+    s = scorer({"matchLengthWeight": weight, "matchLengthScaleTokens": 64})
+    eps = [_endpoint(info) for info in infos]
+    expected = clamped_scores(s.score(CycleState(), completion("x"), eps), eps)
+    assert s.score_values(CycleState(), completion("x"), eps) == expected
