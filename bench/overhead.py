@@ -373,7 +373,7 @@ def main() -> int:
     ap.add_argument("--max-duration", type=float, default=10.0, help="seconds of the max req/s run (0: skip)")
     ap.add_argument("--concurrency", type=int, default=64, help="clients of the max req/s run")
     ap.add_argument("--prompt-tokens", type=int, default=8192)
-    ap.add_argument("--metrics-scraper", choices=("worker", "inline"), default="worker",
+    ap.add_argument("--metrics-scraper", choices=("inline", "worker"), default="inline",
                     help="epp's --metrics-scraper; epp CPU always counts the scrape worker process too")
     ap.add_argument("--client-procs", type=int, default=1,
                     help="client processes of the max req/s run (more than one where a core is free for each)")

@@ -40,7 +40,7 @@ class ServeOptions:
     objectives: dict[str, int] = field(default_factory=dict)
     metrics_staleness_s: float = 2.0
     transport: str = "fast"  # ext_proc transport: "fast" (epp/extproc/h2), or "grpcio"
-    metrics_scraper: str = "worker"  # "worker": scrape in a child process (epp/datalayer/worker.py); "inline"
+    metrics_scraper: str = "inline"  # "inline", or "worker": scrape in a child process (epp/datalayer/worker.py)
     log_level: str = "info"  # for the scrape worker process
     log_format: str = "text"
 

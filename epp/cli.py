@@ -55,10 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ext_proc transport: 'fast', HTTP/2 and gRPC framing written for Envoy's one ext_proc "
                          "stream (about half the CPU per request of grpcio, measured with bench/overhead.py), "
                          "or grpcio's server; gRPC health stays on grpcio (default fast)")
-    ap.add_argument("--metrics-scraper", choices=["worker", "inline"], default="worker",
-                    help="where model servers' metrics are scraped: 'worker', a child process that hands back "
-                         "finished snapshots (keeps ~1,300 GETs/s at 64 pods off the serving event loop), or "
-                         "'inline', on the serving event loop (one process)")
+    ap.add_argument("--metrics-scraper", choices=["inline", "worker"], default="inline",
+                    help="where model servers' metrics are scraped: 'inline', on the serving event loop (one "
+                         "process; scrapes yield to requests under load), or 'worker', a child process that "
+                         "hands back finished snapshots (for pods with a spare CPU: keeps ~1,300 GETs/s at 64 "
+                         "pods off the serving loop, but costs more CPU in all)")
     ap.add_argument("--refresh-metrics-interval", type=_duration, default=None,
                     help="how often each model server's /metrics is scraped (default 50ms, or the "
                          "metrics-data-source plugin's interval)")
