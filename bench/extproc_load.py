@@ -73,6 +73,7 @@ from pathlib import Path
 import hpack
 
 from bench.overhead import make_bodies, pct
+from bench.overhead import process_cpu_seconds as cpu_seconds
 from bench.runner import run as run_benchmark
 from epp.extproc import protocol as p
 from epp.extproc.h2 import frames as f
@@ -749,14 +750,6 @@ async def closed_loop(client: ExtProcClient, concurrency: int, duration: float, 
 
 
 # ------------------------------------------------------------------------------------ the benchmark
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (all its threads; not its children), in seconds: fields 14 and 15 of
-    /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def descendants(pid: int) -> list[int]:

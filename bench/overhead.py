@@ -65,17 +65,22 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads; not its children), in seconds: fields 14 and 15 of
+    /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and of its live children (epp's scrape worker), in seconds (fields 14 and
-    15 of /proc/<pid>/stat)."""
-    total = 0.0
-    for p in [pid, *_children(pid)]:
+    """CPU seconds of a process and of its live children (epp's scrape worker)."""
+    total = process_cpu_seconds(pid)
+    for child in _children(pid):
         try:
-            with open(f"/proc/{p}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
+            total += process_cpu_seconds(child)
         except FileNotFoundError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
     return total
 
 
