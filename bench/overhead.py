@@ -36,8 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
-
+from bench.httpclient import Client
 from hack.localstack import Processes
 
 OUT = Path(__file__).parent / "out"
@@ -97,35 +96,6 @@ def summarize(latencies: list[float], sent: int, errors: int, elapsed: float) ->
             "p50_ms": pct(latencies, 0.5) * 1e3, "p90_ms": pct(latencies, 0.9) * 1e3,
             "p99_ms": pct(latencies, 0.99) * 1e3,
             "mean_ms": statistics.fmean(latencies) * 1e3 if latencies else float("nan")}
-
-
-class Client:
-    """One aiohttp session per target; latency = send to last response byte."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        self.latencies: list[float] = []
-        self.errors = 0
-
-    async def one(self, body: bytes) -> None:
-        t0 = time.perf_counter()
-        try:
-            async with self.session.post(self.url, data=body, headers={"content-type": "application/json"}) as r:
-                await r.read()
-                if r.status != 200:
-                    self.errors += 1
-                    return
-        except aiohttp.ClientError:
-            self.errors += 1
-            return
-        self.latencies.append(time.perf_counter() - t0)
-
-    def reset(self) -> None:
-        self.latencies, self.errors = [], 0
-
-    async def close(self) -> None:
-        await self.session.close()
 
 
 def add_cpu(out: dict, pid: int | None, cpu0: float, elapsed: float, idle_per_s: float) -> None:
