@@ -20,6 +20,12 @@ of --concurrency clients for --max-duration seconds against each transport's Env
 run at once by default; --one-at-a-time starts them in turn (each scrapes the pool in the background,
 which on 2 cores and 64 endpoints is a load of its own).
 
+`--transports null,...` adds the floor: bench/null_extproc.py, an ext_proc server on epp's fast transport
+that routes round-robin and echoes the body with nothing else (no plugins, metrics or scraping), run and
+measured like an epp; what an epp adds above it is the cost of routing. On a 2-core machine, run the
+benchmark under `taskset -c 1` with `--epp-cpus 0` to give the epp (or the floor) a core of its own, as its
+pod has in a cluster; unpinned, it competes with Envoy, the client and the stub pods for both cores.
+
 The precise profile runs without KV events (the stub backends publish none), so it measures its
 tokenization and scoring cost, not its routing quality. Prints tables and writes bench/out/overhead.json.
 """
@@ -37,7 +43,7 @@ import time
 from pathlib import Path
 
 from bench.httpclient import Client
-from hack.localstack import Processes
+from hack.localstack import Proc, Processes, free_port, wait_port
 
 OUT = Path(__file__).parent / "out"
 PROFILES = Path(__file__).parent.parent / "epp" / "profiles"
@@ -275,6 +281,20 @@ async def closed_loop_processes(url: str, bodies: list[bytes], concurrency: int,
     return out
 
 
+NULL = "null"  # not a transport: bench/null_extproc.py, the floor (see --transports)
+
+
+def null_extproc(procs: Processes, backends: list[str], name: str, cpus: str | None) -> Proc:
+    """bench/null_extproc.py on a free loopback port, pinned like the epps."""
+    port = free_port()
+    pin = ["taskset", "-c", cpus] if cpus else []
+    proc = procs.spawn(name, [*pin, sys.executable, "-m", "bench.null_extproc", "--port", str(port),
+                              "--endpoints", ",".join(backends)])
+    proc.ports = {"grpc": port}
+    wait_port("127.0.0.1", port, proc=proc.popen, log=proc.log)
+    return proc
+
+
 async def run_pool(n: int, profiles: list[str], transports: list[str], args, bodies: list[bytes],
                    workdir: Path) -> list[dict]:
     """Rows for one pool size: per profile, transport and rate (and "max"), the baseline and the epp run."""
@@ -292,6 +312,13 @@ async def run_pool(n: int, profiles: list[str], transports: list[str], args, bod
             for group in groups:
                 epps, clients = {}, {}
                 for t in group:
+                    if t == NULL:
+                        epp = null_extproc(procs, backends, name=f"null-{n}-{profile}", cpus=args.epp_cpus)
+                        envoy = procs.envoy(epp.ports["grpc"], response_body_mode=args.response_body_mode,
+                                            concurrency=args.envoy_concurrency)
+                        epps[t] = epp
+                        clients[t] = Client(f"http://127.0.0.1:{envoy.ports['listen']}/v1/chat/completions")
+                        continue
                     epp = procs.epp(",".join(backends), "--transport", t, "--config-file",
                                     str(PROFILES / f"{profile}.yaml"), "--refresh-metrics-interval",
                                     args.refresh_metrics_interval, "--metrics-scraper", args.metrics_scraper,
@@ -340,7 +367,10 @@ async def run_pool(n: int, profiles: list[str], transports: list[str], args, bod
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--transports", default="fast,grpcio", help="ext_proc transports to compare (--transport)")
+    ap.add_argument("--transports", default="fast,grpcio",
+                    help="ext_proc transports to compare (--transport); add `null` for the floor: "
+                         "bench/null_extproc.py, which routes round-robin and echoes the body on the fast "
+                         "transport with nothing else, run like an epp")
     ap.add_argument("--profiles", default="default,precise", help="built-in profiles (epp/profiles/<name>.yaml)")
     ap.add_argument("--endpoints", default="64")
     ap.add_argument("--rates", default="50,200,500,1000")
