@@ -275,11 +275,7 @@ class Connection(asyncio.Protocol):
                 pos = end + 4
                 self.scan = pos
             elif state == BODY:
-                take = min(self.remaining, len(buf) - pos)
-                if take:
-                    self.pieces.append(piece(buf, pos, take))
-                    pos += take
-                    self.remaining -= take
+                pos = self.take_body(buf, pos)
                 if self.remaining:
                     return pos
                 self.finish_request()
@@ -303,11 +299,7 @@ class Connection(asyncio.Protocol):
                 self.remaining = size
                 self.state = CHUNK_DATA if size else TRAILERS
             elif state == CHUNK_DATA:
-                take = min(self.remaining, len(buf) - pos)
-                if take:
-                    self.pieces.append(piece(buf, pos, take))
-                    pos += take
-                    self.remaining -= take
+                pos = self.take_body(buf, pos)
                 if self.remaining:
                     return pos
                 self.state = CHUNK_END
@@ -330,6 +322,15 @@ class Connection(asyncio.Protocol):
                     self.finish_request()
             else:  # DEAD: after a request that closes the connection
                 return len(buf)
+
+    def take_body(self, buf: bytes | bytearray, pos: int) -> int:
+        """Keep up to `remaining` bytes of body (or of the current chunk) from `buf` at `pos`; return the
+        position after them."""
+        take = min(self.remaining, len(buf) - pos)
+        if take:
+            self.pieces.append(piece(buf, pos, take))
+            self.remaining -= take
+        return pos + take
 
     def start_request(self, head: bytes) -> None:
         lines = head.decode("utf-8", "surrogateescape").split("\r\n")
