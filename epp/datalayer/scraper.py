@@ -1,7 +1,8 @@
 """The scraper: keeps every endpoint's `Metrics` fresh by polling its metrics page.
 
-One scrape loop per (endpoint, source) GETs the source's URL every `interval_s` (a scrape that overruns
-the period is followed at once by the next; missed ticks are not made up) and runs the source's extractors
+One scrape loop per (endpoint, source) GETs the source's URL every `interval_s`, each loop at its own phase
+(a scrape that overruns the period is followed at once by the next, then the loop's phase resumes; missed
+ticks are not made up) and runs the source's extractors
 on the body; each one's result replaces `endpoint.metrics` (a new immutable snapshot, never a mutation).
 A failed scrape keeps the last good snapshot, so staleness shows as an ageing `metrics.update_time`.
 
@@ -723,7 +724,12 @@ class _EndpointScrape:
         self.next_at += interval
         now = loop.time()
         if self.next_at < now:
-            self.next_at = now  # an overrun: the next scrape at once, missed ticks not made up
+            # An overrun (a scrape slower than the period, or a stalled event loop): scrape again at once, missed
+            # ticks not made up, and keep this loop's phase for the ticks after. After a stall every loop has
+            # overrun; set to the same instant, they would scrape in lockstep, in bursts, for good.
+            self.next_at += interval * ((now - self.next_at) // interval)
+            self.timer = loop.call_soon(self.fire)
+            return
         self.timer = loop.call_at(self.next_at, self.fire)
 
     def _url(self) -> str:

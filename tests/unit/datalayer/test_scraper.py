@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -403,6 +404,31 @@ async def test_snapshots_are_stamped_with_the_injected_clock(servers):
         await eventually(lambda: ep.metrics.update_time == 4242.5)
     finally:
         await scraper.stop()
+
+
+async def test_a_stalled_event_loop_does_not_leave_the_scrapes_in_lockstep(servers):
+    """A stall longer than the period (a GC pause, a CPU-throttled container) makes every loop overrun. Each
+    scrapes again at once and then goes back to its own phase: set to the same instant, they would all scrape
+    together from then on, in bursts that requests wait behind."""
+    server = await servers()
+    pool = Pool()
+    pool.replace([server.endpoint(f"pod-{i}") for i in range(8)])
+    loop = asyncio.get_running_loop()
+    finished: list[float] = []
+    scraper = Scraper(pool, [(source(interval=0.1), [CoreMetricsExtractor("core")])],
+                      on_success=lambda ep, seconds: finished.append(loop.time()))
+    await scraper.start()
+    try:
+        await asyncio.sleep(0.3)
+        time.sleep(0.25)  # the stall: the loop runs nothing
+        await asyncio.sleep(0.3)  # the catch-up scrapes, all at once
+        finished.clear()
+        await asyncio.sleep(0.5)
+    finally:
+        await scraper.stop()
+    assert len(finished) >= 8 * 3
+    together = max(sum(1 for u in finished if t <= u < t + 0.005) for t in finished)
+    assert together < 8, f"{together} of 8 endpoints' scrapes finished within 5 ms of each other: in lockstep"
 
 
 async def test_a_raising_callback_does_not_stop_scraping(servers):
