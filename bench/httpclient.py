@@ -189,7 +189,8 @@ class Client:
         self.latencies: list[float] = []
         self.errors = 0
 
-    def _head(self, length: int) -> bytes:
+    def request_head(self, length: int) -> bytes:
+        """The request line and headers this client sends before a body of `length` bytes."""
         head = self._heads.get(length)
         if head is None:
             head = self._heads[length] = self._head_prefix + b"%d\r\n\r\n" % length
@@ -212,7 +213,7 @@ class Client:
         try:
             if conn is None:
                 conn = await self._open()
-            status = await conn.request(self._head(len(body)), body)
+            status = await conn.request(self.request_head(len(body)), body)
         except (OSError, HttpError):
             self.errors += 1
             if conn is not None:

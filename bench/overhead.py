@@ -314,16 +314,11 @@ async def run_pool(n: int, profiles: list[str], transports: list[str], args, bod
                 for t in group:
                     if t == NULL:
                         epp = null_extproc(procs, backends, name=f"null-{n}-{profile}", cpus=args.epp_cpus)
-                        envoy = procs.envoy(epp.ports["grpc"], response_body_mode=args.response_body_mode,
-                                            concurrency=args.envoy_concurrency)
-                        epps[t] = epp
-                        clients[t] = Client(f"http://127.0.0.1:{envoy.ports['listen']}/v1/chat/completions")
-                        continue
-                    epp = procs.epp(",".join(backends), "--transport", t, "--config-file",
-                                    str(PROFILES / f"{profile}.yaml"), "--refresh-metrics-interval",
-                                    args.refresh_metrics_interval, "--metrics-scraper", args.metrics_scraper,
-                                    name=f"epp-{n}-{profile}-{t}",
-                                    cpus=args.epp_cpus)
+                    else:
+                        epp = procs.epp(",".join(backends), "--transport", t, "--config-file",
+                                        str(PROFILES / f"{profile}.yaml"), "--refresh-metrics-interval",
+                                        args.refresh_metrics_interval, "--metrics-scraper", args.metrics_scraper,
+                                        name=f"epp-{n}-{profile}-{t}", cpus=args.epp_cpus)
                     envoy = procs.envoy(epp.ports["grpc"], response_body_mode=args.response_body_mode,
                                         concurrency=args.envoy_concurrency)
                     epps[t] = epp

@@ -82,9 +82,8 @@ class MaxScorePicker:
         first maximum (see `_best`): then an endpoint listed twice (the dict would keep it once, with the same
         score) changes nothing either, since the walk draws nothing and ignores scores below the maximum."""
         if self.max_num_of_endpoints == 1 and totals:
-            top = max(totals)
-            i = totals.index(top)
-            if totals.count(top) == 1 and len(set(totals[:i])) == i:
+            i = _walk_draws_nothing(totals)
+            if i is not None:
                 return ProfileResult((endpoints[i],))
         return self.pick(state, dict(zip(endpoints, totals, strict=True)))
 
@@ -95,10 +94,8 @@ class MaxScorePicker:
         first maximum is the only one and the scores before it are all different, it draws none and ends on
         that first maximum, which `max` and `index` find at C speed: the same endpoint, and the same state of
         `rng` afterwards."""
-        values = list(scores.values())
-        top = max(values)
-        i = values.index(top)
-        if values.count(top) == 1 and len(set(values[:i])) == i:
+        i = _walk_draws_nothing(list(scores.values()))
+        if i is not None:
             return list(scores)[i]
         rand = self.rng.random
         it = iter(scores.items())
@@ -112,6 +109,16 @@ class MaxScorePicker:
                 if rand() * ties < 1.0:
                     best = ep
         return best
+
+
+def _walk_draws_nothing(values: Sequence[float]) -> int | None:
+    """The index of the first maximum when the tie-breaking walk would draw no random number to reach it (it
+    is the only maximum and the values before it are all different), else None."""
+    top = max(values)
+    i = values.index(top)
+    if values.count(top) == 1 and len(set(values[:i])) == i:
+        return i
+    return None
 
 
 def _score(item: tuple[Endpoint, float]) -> float:

@@ -26,7 +26,7 @@ async def post(url: str, body: bytes) -> tuple[bytes, dict]:
     """One POST on its own connection, through the benchmark client's request head: (response head, JSON)."""
     client = Client(url)
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(client._head(len(body)) + body)
+    writer.write(client.request_head(len(body)) + body)
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")

@@ -12,11 +12,11 @@ from contextlib import asynccontextmanager
 import pytest
 
 from epp.datalayer.worker import RemoteScrapeError, ScrapeWorker
-from epp.datastore.endpoint import NEVER_SCRAPED
+from epp.datastore.endpoint import NEVER_SCRAPED, Endpoint
 from epp.datastore.pool import Pool
 from plugins.core_metrics_extractor import CoreMetricsExtractor
 
-from .test_scraper import Recorder, eventually, servers, source  # noqa: F401  (servers is a fixture)
+from .test_scraper import Recorder, closed_port, eventually, servers, source  # noqa: F401  (servers is a fixture)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -151,13 +151,7 @@ async def test_a_worker_that_dies_is_replaced_and_scraping_resumes(servers, capl
 
 async def test_an_endpoint_never_scraped_stays_so_until_a_scrape_succeeds():
     pool, rec = Pool(), Recorder()
-    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
-    from epp.datastore.endpoint import Endpoint
-
-    ep = Endpoint("gone", "127.0.0.1", port)
+    ep = Endpoint("gone", "127.0.0.1", await closed_port())
     pool.replace([ep])
     worker = worker_for(pool, rec)
     async with running(worker):

@@ -141,6 +141,15 @@ async def eventually(cond: Callable[[], bool], timeout: float = 3.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def closed_port() -> int:
+    """A loopback port nobody listens on: bound, then released."""
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    return port
+
+
 def scrape_tasks() -> list[asyncio.Task]:
     return [t for t in asyncio.all_tasks() if t.get_name().startswith("scrape:") and not t.done()]
 
@@ -280,12 +289,7 @@ async def test_a_scrape_slower_than_the_timeout_is_an_error(servers):
 
 async def test_an_endpoint_nobody_listens_on_is_an_error_and_stays_never_scraped():
     pool, rec = Pool(), Recorder()
-    # Find a port that is closed: bind one, then release it.
-    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
-    ep = Endpoint("gone", "127.0.0.1", port)
+    ep = Endpoint("gone", "127.0.0.1", await closed_port())
     pool.replace([ep])
     scraper = scraper_for(pool, rec)
     await scraper.start()
